@@ -1,0 +1,1 @@
+"""Triton kernels of guide-fast, installed as `guide_fast.kernels`."""
