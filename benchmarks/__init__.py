@@ -1,0 +1,1 @@
+"""guide-fast benchmarks: one script per measured thing, one runner (python -m benchmarks)."""
