@@ -34,9 +34,15 @@ def fov_to_focal(fov_degrees: float) -> float:
     return 1.0 / (math.tan(fov_degrees * 3.14159 / 360) * 1.414)
 
 
+def _const(values, device=None, dtype=torch.float32) -> torch.Tensor:
+    """A small constant built with fill kernels rather than a host-to-device copy, so that the
+    camera maths can run inside a CUDA graph capture (copies from host memory cannot)."""
+    return torch.stack([torch.full((), float(v), device=device, dtype=dtype) for v in values])
+
+
 def intrinsics(focal: float = FFHQ_FOCAL, batch: int = 1, device=None) -> torch.Tensor:
     """Normalised 3x3 intrinsics [[f, 0, 0.5], [0, f, 0.5], [0, 0, 1]] -> [batch, 3, 3]."""
-    k = torch.tensor([[focal, 0.0, 0.5], [0.0, focal, 0.5], [0.0, 0.0, 1.0]], device=device)
+    k = _const([focal, 0.0, 0.5, 0.0, focal, 0.5, 0.0, 0.0, 1.0], device).reshape(3, 3)
     return k.unsqueeze(0).repeat(batch, 1, 1)
 
 
@@ -51,13 +57,13 @@ def _normalize(v: torch.Tensor) -> torch.Tensor:
 def cam2world_from_forward(forward: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
     """`create_cam2world_matrix` (eg3d.md §6): R = [right | up | forward], then translate."""
     forward = _normalize(forward)
-    up0 = torch.tensor([0.0, 1.0, 0.0], dtype=forward.dtype, device=forward.device).expand_as(forward)
+    up0 = _const([0.0, 1.0, 0.0], forward.device, forward.dtype).expand_as(forward)
     right = -_normalize(torch.cross(up0, forward, dim=-1))
     up = _normalize(torch.cross(forward, right, dim=-1))
     n = forward.shape[0]
     rot = torch.stack((right, up, forward), dim=-1)
     top = torch.cat([rot, origin.unsqueeze(-1)], dim=-1)
-    bottom = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=forward.dtype, device=forward.device).expand(n, 1, 4)
+    bottom = _const([0.0, 0.0, 0.0, 1.0], forward.device, forward.dtype).expand(n, 1, 4)
     return torch.cat([top, bottom], dim=1)
 
 
@@ -67,9 +73,9 @@ def look_at_pose(horizontal, vertical, lookat=GUIDE_LOOKAT, radius: float = DEFA
     horizontal = pi/2 and vertical = pi/2 is the frontal camera at (0, 0, radius).
     Accepts floats or tensors of shape [N] / [N, 1]; returns cam2world [N, 4, 4].
     """
-    h = torch.as_tensor(horizontal, dtype=torch.float32, device=device).reshape(-1, 1)
+    h = _as_angles(horizontal, device)
     dev = h.device
-    v = torch.as_tensor(vertical, dtype=torch.float32, device=dev).reshape(-1, 1)
+    v = _as_angles(vertical, dev)
     h, v = torch.broadcast_tensors(h, v)
     v = torch.clamp(v, 1e-5, math.pi - 1e-5)
     phi = torch.arccos(1 - 2 * v / math.pi)
@@ -77,8 +83,16 @@ def look_at_pose(horizontal, vertical, lookat=GUIDE_LOOKAT, radius: float = DEFA
         [radius * torch.sin(phi) * torch.cos(math.pi - h), radius * torch.cos(phi), radius * torch.sin(phi) * torch.sin(math.pi - h)],
         dim=-1,
     )
-    target = torch.as_tensor(lookat, dtype=torch.float32, device=dev).reshape(1, 3)
+    target = lookat.to(dev, torch.float32).reshape(1, 3) if torch.is_tensor(lookat) else _const(lookat, dev).reshape(1, 3)
     return cam2world_from_forward(target - origin, origin)
+
+
+def _as_angles(x, device) -> torch.Tensor:
+    if torch.is_tensor(x):
+        return x.to(device=device if device is not None else x.device, dtype=torch.float32).reshape(-1, 1)
+    if isinstance(x, (int, float)):
+        return torch.full((1, 1), float(x), device=device)
+    return torch.as_tensor(x, dtype=torch.float32, device=device).reshape(-1, 1)
 
 
 def camera_label(cam2world: torch.Tensor, intrinsics_: torch.Tensor) -> torch.Tensor:
@@ -96,8 +110,8 @@ def pose_label(yaw, pitch, *, fov_degrees: float = GUIDE_FOV_DEGREES, focal: flo
                lookat=GUIDE_LOOKAT, radius: float = DEFAULT_RADIUS, device=None) -> torch.Tensor:
     """Camera label for yaw / pitch offsets from frontal (radians): horizontal = pi/2 + yaw,
     vertical = pi/2 + pitch. GUIDE renders at pitch -0.2 (camera above the horizon)."""
-    yaw_t = torch.as_tensor(yaw, dtype=torch.float32, device=device).reshape(-1)
-    pitch_t = torch.as_tensor(pitch, dtype=torch.float32, device=yaw_t.device).reshape(-1)
+    yaw_t = _as_angles(yaw, device).reshape(-1)
+    pitch_t = _as_angles(pitch, yaw_t.device).reshape(-1)
     yaw_t, pitch_t = torch.broadcast_tensors(yaw_t, pitch_t)
     c2w = look_at_pose(math.pi / 2 + yaw_t, math.pi / 2 + pitch_t, lookat=lookat, radius=radius, device=yaw_t.device)
     f = fov_to_focal(fov_degrees) if focal is None else focal
@@ -106,7 +120,7 @@ def pose_label(yaw, pitch, *, fov_degrees: float = GUIDE_FOV_DEGREES, focal: flo
 
 def frontal_label(batch: int = 1, **kwargs) -> torch.Tensor:
     """The mapping network's conditioning camera in GUIDE: frontal (guide.md §3.2)."""
-    return pose_label(torch.zeros(batch), 0.0, **kwargs)
+    return pose_label(torch.zeros(batch, device=kwargs.pop("device", None)), 0.0, **kwargs)
 
 
 def check_label(name: str, c: torch.Tensor, batch: int | None = None) -> None:

@@ -10,6 +10,9 @@ from .errors import GuideFastError
 
 COMMAND_MODULES = [
     "guide_fast.commands.generator",
+    "guide_fast.commands.unlearn",
+    "guide_fast.commands.identity",
+    "guide_fast.commands.evaluate",
 ]
 
 

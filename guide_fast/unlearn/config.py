@@ -1,0 +1,121 @@
+"""Every constant of GUIDE in one place; the defaults are the paper's / official code's
+(guide.md §3, each field cites its subsection)."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+from ..errors import InputError
+
+TARGET_MODES = ("extra", "average")
+LOOP_PATHS = ("fast", "reference")
+
+
+@dataclass
+class UnlearnConfig:
+    # §3.1: Adam on backbone.synthesis, lr 1e-4, default betas/eps, 1000 iterations
+    iterations: int = 1000
+    lr: float = 1e-4
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    # §3.4 UFO: "extra" w_t = w_avg - d (w_u - w_avg)/||w_u - w_avg||_F; "average" w_t = w_avg (README baseline)
+    target: str = "extra"
+    target_distance: float = 30.0
+    # §3.5 which loss blocks run (GUIDE: all three; the README baseline: local only)
+    use_local: bool = True
+    use_adjacency: bool = True
+    use_global: bool = True
+    # §3.5(a) local unlearning weights
+    local_mse_weight: float = 0.01
+    local_lpips_weight: float = 1.0
+    local_id_weight: float = 0.1
+    # §3.5(b) adjacency-aware unlearning: K samples, alpha ~ U(min, max), summed, then weighted
+    adjacency_samples: int = 2
+    adjacency_alpha_min: float = 0.0
+    adjacency_alpha_max: float = 15.0
+    adjacency_mse_weight: float = 0.01
+    adjacency_lpips_weight: float = 1.0
+    adjacency_id_weight: float = 0.1
+    adjacency_weight: float = 1.0
+    # §3.5(c) global preservation: K random latents, LPIPS only, summed
+    global_samples: int = 2
+    global_weight: float = 1.0
+    # §3.2 cameras: yaw pi/2 + U(-pi/12, pi/12), pitch -0.2, radius 2.7, FOV 18.837 deg,
+    # look-at (0,0,0) (the official code's effective pivot); mapping conditioned frontal
+    yaw_range: float = math.pi / 12
+    pitch: float = -0.2
+    radius: float = 2.7
+    fov_degrees: float = 18.837
+    lookat: tuple = (0.0, 0.0, 0.0)
+    # §3.5 random latents: psi = 1 (no truncation)
+    truncation_psi: float = 1.0
+    # §3.2 backbone noise during fine-tuning
+    noise_mode: str = "random"
+    seed: int | None = 0
+    # engine choices (not part of GUIDE's maths)
+    path: str = "fast"                 # "fast" (batched, cached, bf16, fused, graph) or "reference"
+    renderer: str = "auto"             # "auto": triton on CUDA, reference on CPU
+    precision: str = "auto"            # "auto": bf16 autocast on CUDA (fast path), fp32 elsewhere
+    cuda_graph: bool = True            # capture the fast step in a CUDA graph (CUDA only)
+    warmup_steps: int = 2              # eager steps before capture (they are real steps)
+    log_every: int = 25                # how often (steps) device-side losses are read back
+    eval_views: int = 11               # §3.6: before/after renders at yaw linspace(-pi/12, pi/12, 11)
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        self.lookat = tuple(float(x) for x in self.lookat)
+        self.validate()
+
+    def validate(self) -> None:
+        if self.target not in TARGET_MODES:
+            raise InputError(f"unknown target mode {self.target!r}; expected one of {TARGET_MODES}")
+        if self.path not in LOOP_PATHS:
+            raise InputError(f"unknown path {self.path!r}; expected one of {LOOP_PATHS}")
+        if self.renderer not in ("auto", "reference", "triton"):
+            raise InputError(f"unknown renderer {self.renderer!r}; expected 'auto', 'reference' or 'triton'")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise InputError(f"unknown precision {self.precision!r}; expected 'auto', 'fp32' or 'bf16'")
+        if self.noise_mode not in ("random", "const", "none"):
+            raise InputError(f"noise_mode must be 'random', 'const' or 'none', got {self.noise_mode!r}")
+        if self.iterations < 0:
+            raise InputError(f"iterations must be >= 0, got {self.iterations}")
+        if self.lr <= 0:
+            raise InputError(f"lr must be > 0, got {self.lr}")
+        if self.adjacency_samples < 0 or self.global_samples < 0:
+            raise InputError("adjacency_samples and global_samples must be >= 0")
+        if self.adjacency_alpha_max < self.adjacency_alpha_min:
+            raise InputError("adjacency_alpha_max must be >= adjacency_alpha_min")
+        if not (self.use_local or self.use_adjacency or self.use_global):
+            raise InputError("at least one of use_local, use_adjacency, use_global must be on")
+        if len(self.lookat) != 3:
+            raise InputError(f"lookat must be 3 numbers, got {self.lookat}")
+        if self.eval_views < 1:
+            raise InputError("eval_views must be >= 1")
+
+    @property
+    def k_adj(self) -> int:
+        return self.adjacency_samples if self.use_adjacency else 0
+
+    @property
+    def k_glob(self) -> int:
+        return self.global_samples if self.use_global else 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        d["lookat"] = list(self.lookat)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UnlearnConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise InputError(f"unknown UnlearnConfig field(s): {unknown}")
+        return cls(**d)
+
+    @classmethod
+    def baseline(cls, **overrides) -> "UnlearnConfig":
+        """The official README's baseline: average-face target, local loss only."""
+        return cls(**{"target": "average", "use_adjacency": False, "use_global": False, **overrides})

@@ -1,0 +1,343 @@
+"""`Unlearner`: the GUIDE engine's public face (guide.md §3).
+
+    unl = Unlearner(generator, id_loss, lpips, UnlearnConfig())
+    result = unl.unlearn(seeds=[7])            # or latents=w [N, num_ws, w_dim], or images=[...]
+    result.generator                           # G_u: the source no longer produces identity 7
+    result.save("out/")                        # checkpoint, delta, latents, report.json, grid.png
+
+For profiling: `session = unl.prepare(seeds=[7]); session.step(); session.synchronize()`.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import cameras
+from ..errors import GuideFastError, InputError, check_finite
+from .config import UnlearnConfig
+from .steps import LOSS_NAMES, FastStep, ReferenceStep, sample_draws
+from .targets import target_latent
+
+
+class UnlearnError(GuideFastError):
+    """The optimisation itself failed (e.g. the loss became non-finite)."""
+
+
+def latents_from_seeds(gen, seeds, truncation_psi: float = 1.0, fov_degrees: float = 18.837, lookat=(0, 0, 0)):
+    """z ~ N(0, I) from each seed (CPU generator, so results do not depend on the device), mapped
+    with the frontal conditioning camera (guide.md §3.3, Random scenario)."""
+    if isinstance(seeds, int):
+        seeds = [seeds]
+    seeds = list(seeds)
+    if not seeds:
+        raise InputError("seeds is empty: need at least one identity (N = 0)")
+    for s in seeds:
+        if not isinstance(s, int) or isinstance(s, bool):
+            raise InputError(f"seeds must be integers, got {s!r}")
+    device = next(gen.parameters()).device
+    z = torch.stack([torch.randn(gen.config.z_dim, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
+    c = cameras.frontal_label(len(seeds), fov_degrees=fov_degrees, lookat=lookat, device=device)
+    with torch.no_grad():
+        return gen.mapping(z, c, truncation_psi=truncation_psi)
+
+
+def view_yaws(cfg: UnlearnConfig) -> list[float]:
+    """guide.md §3.6: 11 views, yaw linspace(-pi/12, pi/12, 11), pitch -0.2."""
+    v = cfg.eval_views
+    return [0.0] if v == 1 else [(-cfg.yaw_range + 2 * cfg.yaw_range * i / (v - 1)) for i in range(v)]
+
+
+@torch.no_grad()
+def render_views(gen, ws: torch.Tensor, cfg: UnlearnConfig, chunk: int = 4, seed: int = 1234):
+    """Renders [N, V, 3, H, W] (fp32, [-1,1]) of each latent from the evaluation yaws, constant
+    noise and fixed renderer draws, so before/after renders differ only by the weights."""
+    from ..render import make_render_draws
+
+    device = ws.device
+    yaws = torch.tensor(view_yaws(cfg), dtype=torch.float32)
+    cams = cameras.pose_label(yaws, cfg.pitch, fov_degrees=cfg.fov_degrees, lookat=cfg.lookat, radius=cfg.radius).to(device)
+    rays = gen.neural_rendering_resolution ** 2
+    out = []
+    for i in range(ws.shape[0]):
+        imgs = []
+        for start in range(0, len(yaws), chunk):
+            c = cams[start:start + chunk]
+            g = torch.Generator(device=device).manual_seed(seed + start)
+            draws = make_render_draws(c.shape[0], rays, gen.render_options, device, g)
+            w = ws[i:i + 1].expand(c.shape[0], -1, -1)
+            imgs.append(gen.synthesis(w, c, noise_mode="const", render_draws=draws)["image"].float().cpu())
+        out.append(torch.cat(imgs))
+    return torch.stack(out)
+
+
+@dataclass
+class UnlearnResult:
+    """What one unlearning run produced. `generator` is G_u (eval mode, frozen)."""
+
+    generator: object
+    source: object
+    w_source: torch.Tensor
+    w_target: torch.Tensor
+    config: UnlearnConfig
+    losses: list = field(default_factory=list)            # per step: {"step", "total", "local", "adjacency", "global"}
+    identity_losses: list = field(default_factory=list)   # per step: [n] per-identity totals
+    timings: dict = field(default_factory=dict)
+    renders: dict | None = None                           # {"before", "after", "target"}: [N, V, 3, H, W]
+    identity_similarity: dict | None = None
+    inversion: list | None = None                         # per identity, when started from photos
+
+    def delta(self):
+        from ..checkpoints import compute_delta
+
+        return compute_delta(self.source, self.generator)
+
+    def save(self, out_dir, **kwargs):
+        from .report import save_result
+
+        return save_result(self, out_dir, **kwargs)
+
+
+class UnlearnSession:
+    """A prepared run: copies of the generator, targets, the step and its optimizer."""
+
+    def __init__(self, unlearner: "Unlearner", w_source: torch.Tensor):
+        cfg = unlearner.config
+        self.config = cfg
+        self.unlearner = unlearner
+        source = unlearner.generator
+        self.device = next(source.parameters()).device
+        on_cuda = self.device.type == "cuda"
+        t0 = time.perf_counter()
+        renderer = cfg.renderer if cfg.renderer != "auto" else ("triton" if on_cuda else "reference")
+        fast = cfg.path == "fast"
+        precision = cfg.precision if cfg.precision != "auto" else ("bf16" if (on_cuda and fast) else "fp32")
+        if precision == "bf16" and not on_cuda:
+            raise InputError("precision 'bf16' needs a CUDA device; use 'fp32' (or 'auto') on the CPU")
+        if cfg.path == "reference" and precision != "fp32":
+            raise InputError("the reference loop is fp32 by definition; use path='fast' for bf16")
+        self.renderer, self.precision = renderer, precision
+        self.use_graph = bool(fast and on_cuda and cfg.cuda_graph)
+
+        # guide.md §3.1: G_s frozen; G_u a copy whose backbone.synthesis alone trains. Both in
+        # train mode as the official code (EG3D has no dropout/batch-norm: it only selects the
+        # shared-weight modulated conv, which batches well).
+        self.g_s = copy.deepcopy(source).set_renderer(renderer).train().requires_grad_(False)
+        self.g_u = copy.deepcopy(source).set_renderer(renderer).train().requires_grad_(False)
+        for _, p in self.g_u.trainable_synthesis_parameters():
+            p.requires_grad_(True)
+        id_loss = unlearner.id_loss.to(self.device).eval().requires_grad_(False)
+        lpips = unlearner.lpips.to(self.device).eval().requires_grad_(False)
+
+        self.w_source = w_source.to(self.device, torch.float32)
+        self.w_target = target_latent(self.w_source, self.g_s.w_avg, cfg.target, cfg.target_distance)
+        step_cls = FastStep if fast else ReferenceStep
+        extra = dict(precision=precision, capturable=self.use_graph) if fast else {}
+        self.stepper = step_cls(self.g_u, self.g_s, id_loss, lpips, cfg, self.w_source, self.w_target, **extra)
+        self.layout = self.stepper.layout
+        self.n = self.layout.n
+        self.steps_done = 0
+        self.graph = None
+        # device-side loss log: one row per step, read back every cfg.log_every steps
+        self.log = torch.zeros(max(cfg.iterations, 1), len(LOSS_NAMES) + self.n, device=self.device)
+        self.step_counter = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._read_upto = 0
+        self.losses: list = []
+        self.identity_losses: list = []
+        self.timings = {"setup_s": time.perf_counter() - t0}
+        self._stream = torch.cuda.Stream(self.device) if self.use_graph else None
+
+    # --------------------------------------------------------------------- stepping
+    def _draws(self):
+        return sample_draws(self.config, self.layout, self.g_u.config.z_dim, self.device)
+
+    def _step_and_log(self):
+        values, per_id = self.stepper.step(self._draws())
+        row = torch.cat([values.float(), per_id.float()]).unsqueeze(0)
+        self.log.index_copy_(0, self.step_counter.clamp(max=self.log.shape[0] - 1), row)
+        self.step_counter.add_(1)
+
+    def _capture(self):
+        """Capture one whole step (draws, forward, backward, Adam) in a CUDA graph."""
+        t0 = time.perf_counter()
+        torch.cuda.synchronize(self.device)
+        self.graph = torch.cuda.CUDAGraph()
+        self.stepper.optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(self.graph):
+            self._step_and_log()
+        torch.cuda.synchronize(self.device)
+        self.timings["capture_s"] = time.perf_counter() - t0
+
+    def step(self):
+        """Run one optimisation step (eager, or a graph replay once captured)."""
+        if self.steps_done >= self.config.iterations:
+            raise InputError(f"all {self.config.iterations} iterations are done")
+        if self.use_graph and self.graph is None and self.steps_done >= self.config.warmup_steps:
+            self._capture()
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.use_graph:
+            # warm-up steps run on a side stream before capture, as CUDA graphs require
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._stream):
+                self._step_and_log()
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        else:
+            self._step_and_log()
+        self.steps_done += 1
+
+    def synchronize(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def read_losses(self) -> list:
+        """Copy the log rows written since the last read to the host; fail on a non-finite loss."""
+        end = self.steps_done
+        if end <= self._read_upto:
+            return []
+        rows = self.log[self._read_upto:end].detach().cpu()
+        new = []
+        for j, row in enumerate(rows.tolist()):
+            step = self._read_upto + j + 1
+            if not all(math.isfinite(v) for v in row):
+                terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(LOSS_NAMES, row))
+                raise UnlearnError(f"the loss became non-finite at step {step} ({terms}); no output was written")
+            entry = {"step": step, **{k: v for k, v in zip(LOSS_NAMES, row)}}
+            self.losses.append(entry)
+            self.identity_losses.append(row[len(LOSS_NAMES):])
+            new.append(entry)
+        self._read_upto = end
+        return new
+
+    def run(self, progress: bool = False, callback=None):
+        """Run the remaining iterations. callback(step, session) is called after each step."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        bar = tqdm(total=cfg.iterations, initial=self.steps_done, disable=not progress, desc="unlearning",
+                   unit="step", dynamic_ncols=True)
+        self.synchronize()
+        t0 = time.perf_counter()
+        first = None
+        try:
+            while self.steps_done < cfg.iterations:
+                self.step()
+                if first is None:
+                    self.synchronize()
+                    first = time.perf_counter() - t0
+                if self.steps_done % cfg.log_every == 0 or self.steps_done == cfg.iterations or not self.use_graph:
+                    new = self.read_losses()
+                    if new and progress:
+                        last = new[-1]
+                        bar.set_postfix({k: f"{last[k]:.3f}" for k in ("total", "local", "adjacency", "global")}, refresh=False)
+                bar.update(1)
+                if callback is not None:
+                    callback(self.steps_done, self)
+            self.synchronize()
+            self.read_losses()
+        finally:
+            bar.close()
+        loop = time.perf_counter() - t0
+        self.timings.update(
+            loop_s=loop, iterations=cfg.iterations, first_step_s=first or 0.0,
+            steady_step_ms=1e3 * (loop - (first or 0.0) - self.timings.get("capture_s", 0.0)) / max(cfg.iterations - 1, 1),
+        )
+        if self.device.type == "cuda":
+            self.timings["peak_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        return self
+
+    def finish(self, render: bool = True) -> UnlearnResult:
+        g_u = self.g_u.eval().requires_grad_(False)
+        g_u.set_renderer(self.unlearner.generator.renderer_backend)
+        result = UnlearnResult(
+            generator=g_u, source=self.unlearner.generator, w_source=self.w_source.detach(),
+            w_target=self.w_target.detach(), config=self.config, losses=list(self.losses),
+            identity_losses=list(self.identity_losses),
+            timings=dict(self.timings, renderer=self.renderer, precision=self.precision, cuda_graph=self.use_graph,
+                         path=self.config.path, device=str(self.device)),
+        )
+        if render:
+            t0 = time.perf_counter()
+            src = self.g_s.eval()
+            result.renders = {
+                "before": render_views(src, self.w_source, self.config),
+                "after": render_views(g_u, self.w_source, self.config),
+                "target": render_views(src, self.w_target, self.config),
+            }
+            result.timings["render_s"] = time.perf_counter() - t0
+        return result
+
+
+class Unlearner:
+    """GUIDE unlearning for an EG3D generator (guide.md §3).
+
+    generator: the source G_s (a TriPlaneGenerator; never modified); id_loss: an
+    `guide_fast.identity.IdentityLoss` (ArcFace IR-SE50 for GUIDE); lpips: a
+    `guide_fast.perceptual.LPIPS` (VGG v0.1); config: an UnlearnConfig (paper defaults).
+    """
+
+    def __init__(self, generator, id_loss, lpips, config: UnlearnConfig | None = None):
+        from ..eg3d.generator import TriPlaneGenerator
+
+        if not isinstance(generator, TriPlaneGenerator):
+            raise InputError(f"generator must be a TriPlaneGenerator (see load_generator), got {type(generator).__name__}")
+        self.generator = generator
+        self.id_loss = id_loss
+        self.lpips = lpips
+        self.config = config or UnlearnConfig()
+        self.config.validate()
+
+    def _resolve_latents(self, latents=None, seeds=None, images=None, **invert_kwargs):
+        given = [x is not None for x in (latents, seeds, images)]
+        if sum(given) != 1:
+            raise InputError("give exactly one of latents=, seeds= or images=")
+        gen = self.generator
+        inversion = None
+        if seeds is not None:
+            w = latents_from_seeds(gen, seeds, self.config.truncation_psi, self.config.fov_degrees, self.config.lookat)
+        elif images is not None:
+            from ..invert import invert_images
+
+            inversion = invert_images(gen, images, id_loss=self.id_loss, lpips=self.lpips, **invert_kwargs)
+            w = torch.cat([r.w_plus for r in inversion])
+        else:
+            w = latents
+            if not torch.is_tensor(w):
+                raise InputError(f"latents must be a tensor [N, {gen.num_ws}, {gen.config.w_dim}], got {type(w).__name__}")
+            if w.ndim == 2:
+                w = w.unsqueeze(0)
+            want = (gen.num_ws, gen.config.w_dim)
+            if w.ndim != 3 or tuple(w.shape[1:]) != want:
+                raise InputError(f"latents have shape {list(latents.shape)}, expected [N, {want[0]}, {want[1]}] (W+)")
+            if w.shape[0] == 0:
+                raise InputError("latents is empty: need at least one identity (N = 0)")
+            check_finite("latents", w)
+        return w.detach().to(next(gen.parameters()).device, torch.float32), inversion
+
+    def prepare(self, latents=None, seeds=None, images=None, **invert_kwargs) -> UnlearnSession:
+        w, inversion = self._resolve_latents(latents, seeds, images, **invert_kwargs)
+        session = UnlearnSession(self, w)
+        session.inversion = inversion
+        return session
+
+    def unlearn(self, latents=None, seeds=None, images=None, progress: bool = False, render: bool = True,
+                callback=None, **invert_kwargs) -> UnlearnResult:
+        """Unlearn N identities at once (W+ latents [N, num_ws, w_dim], seeds, or photos)."""
+        cfg = self.config
+        devices = [next(self.generator.parameters()).device]
+        cuda_devices = [d for d in devices if d.type == "cuda"]
+        rng = torch.random.fork_rng(devices=cuda_devices) if cfg.seed is not None else contextlib.nullcontext()
+        t0 = time.perf_counter()
+        with rng:
+            if cfg.seed is not None:
+                torch.manual_seed(cfg.seed)
+            session = self.prepare(latents, seeds, images, **invert_kwargs)
+            session.run(progress=progress, callback=callback)
+            result = session.finish(render=render)
+        result.inversion = getattr(session, "inversion", None)
+        result.timings["total_s"] = time.perf_counter() - t0
+        return result

@@ -1,0 +1,143 @@
+"""Writing an unlearning run to disk: checkpoint, delta, latents, report.json, grid.png.
+
+Everything is written into a staging folder beside the output folder and moved in file by file
+(each move atomic), report.json last: an interrupted save never leaves a half-written file, and a
+folder without report.json is recognisably incomplete.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..io import save_image, to_uint8, write_json
+
+OUTPUT_FILES = ("generator.safetensors", "delta.safetensors", "latents.safetensors", "grid.png", "report.json")
+
+
+def environment() -> dict:
+    from .. import __version__
+
+    env = {"guide_fast": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "platform": platform.platform()}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:
+        env["triton"] = None
+    env["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    return env
+
+
+def identity_similarity(result, scorer) -> dict:
+    """Cosine similarity of the scorer's embeddings of each view rendered before vs after
+    (guide.md §4.2; lower = identity removed), and of after vs the UFO target."""
+    before, after, target = (result.renders[k] for k in ("before", "after", "target"))
+    n, v = before.shape[:2]
+    flat = lambda x: x.reshape(n * v, *x.shape[2:])  # noqa: E731
+    s_ba = scorer.similarity(flat(before), flat(after))
+    s_at = scorer.similarity(flat(after), flat(target))
+    s_ba = torch.as_tensor(s_ba, dtype=torch.float32).reshape(n, v)
+    s_at = torch.as_tensor(s_at, dtype=torch.float32).reshape(n, v)
+
+    def mean(t):
+        t = t[torch.isfinite(t)]
+        return float(t.mean()) if t.numel() else None
+
+    return {
+        "before_vs_after_per_view": [[None if not np.isfinite(x) else float(x) for x in row] for row in s_ba.tolist()],
+        "before_vs_after_mean": mean(s_ba),
+        "after_vs_target_mean": mean(s_at),
+        "views_without_face": int((~torch.isfinite(s_ba)).sum()),
+        "scorer": getattr(scorer, "description", type(scorer).__name__),
+    }
+
+
+def _label_tile(text: str, height: int, width: int = 96) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), (255, 255, 255))
+    ImageDraw.Draw(img).text((4, max(0, height // 2 - 6)), text, fill=(0, 0, 0))
+    return np.asarray(img)
+
+
+def grid_image(result, max_tile: int = 256) -> np.ndarray:
+    """Rows per identity: before (G_s(w_u)), after (G_u(w_u)), UFO target (G_s(w_t)); columns: views."""
+    rows = []
+    for i in range(result.renders["before"].shape[0]):
+        for key, label in (("before", f"id {i} before"), ("after", f"id {i} after"), ("target", f"id {i} target")):
+            imgs = result.renders[key][i]
+            if imgs.shape[-1] > max_tile:
+                imgs = torch.nn.functional.interpolate(imgs, size=(max_tile, max_tile), mode="area")
+            tiles = list(to_uint8(imgs))
+            row = np.concatenate(tiles, axis=1)
+            rows.append(np.concatenate([_label_tile(label, row.shape[0]), row], axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+def build_report(result, generator_spec=None, random_weights: bool = False, scorer=None, extra=None) -> dict:
+    from .engine import view_yaws
+
+    report = {
+        "what": "GUIDE identity unlearning (guide-fast)",
+        "random_weights": bool(random_weights),
+        "generator": None if generator_spec is None else str(generator_spec),
+        "source_sha256": getattr(result.source, "source_sha256", None),
+        "identities": int(result.w_source.shape[0]),
+        "config": result.config.to_dict(),
+        "environment": environment(),
+        "timings": result.timings,
+        "losses": result.losses,
+        "identity_losses": result.identity_losses,
+        "views": {"yaw_offsets": view_yaws(result.config), "pitch": result.config.pitch},
+        "files": list(OUTPUT_FILES),
+    }
+    if random_weights:
+        report["warning"] = ("RANDOM WEIGHTS: the generator and/or the loss networks are randomly initialised; this run "
+                             "demonstrates the pipeline only and unlearns nobody real.")
+    if result.losses:
+        first, last = result.losses[0], result.losses[-1]
+        report["loss_first_last"] = {k: [first[k], last[k]] for k in ("total", "local", "adjacency", "global")}
+    if result.inversion:
+        report["inversion"] = [r.summary() for r in result.inversion]
+    if scorer is not None and result.renders is not None:
+        report["identity_similarity"] = identity_similarity(result, scorer)
+    report.update(extra or {})
+    return report
+
+
+def save_result(result, out_dir, generator_spec=None, random_weights: bool = False, scorer=None, extra=None) -> Path:
+    from safetensors.torch import save_file
+
+    from ..checkpoints import save_delta, save_generator
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = build_report(result, generator_spec, random_weights, scorer, extra)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        save_generator(result.generator, stage / "generator.safetensors",
+                       source_sha256=getattr(result.source, "source_sha256", None))
+        save_delta(result.source, result.generator, stage / "delta.safetensors",
+                   extra={"identities": str(result.w_source.shape[0]), "config": result.config.to_dict()})
+        save_file({"w_source": result.w_source.detach().cpu().contiguous(),
+                   "w_target": result.w_target.detach().cpu().contiguous()}, str(stage / "latents.safetensors"))
+        if result.renders is not None:
+            save_image(stage / "grid.png", grid_image(result))
+        for extra_file, data in (("inversion", result.inversion),):
+            if data:
+                for i, r in enumerate(data):
+                    r.save_images(stage, prefix=f"identity{i}_")
+        write_json(stage / "report.json", report)
+        names = [p.name for p in stage.iterdir() if p.name != "report.json"] + ["report.json"]
+        for name in names:
+            os.replace(stage / name, out_dir / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return out_dir

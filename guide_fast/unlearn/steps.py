@@ -1,0 +1,299 @@
+"""One GUIDE optimisation step, two ways (guide.md §3.5).
+
+`ReferenceStep`: the official order of operations: eager fp32, batch 1, one term at a time,
+separate backbone passes for the tri-plane MSE and the image. The oracle and the speed baseline.
+
+`FastStep`: the same maths restructured: every trainable render of the step in one batched
+call and every frozen one in another; tri-planes computed once per latent and reused for the
+MSE; the local target's frozen tri-planes computed once per run; bf16 autocast on CUDA (losses,
+master weights and Adam state stay fp32); the fused renderer; all random draws made on the
+device, so the whole step (forward, backward, Adam) can be captured once in a CUDA graph and
+replayed.
+
+Both consume a `StepDraws`, so they can be run on identical draws and compared.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import cameras
+from ..profiling import nvtx_range
+from .config import UnlearnConfig
+from .targets import adjacency_offsets
+
+LOSS_NAMES = ("total", "local", "adjacency", "global")
+
+
+@dataclass
+class Layout:
+    """Order of the renders of one step: [local (n)] [adjacency (n*K_adj)] [global (n*K_glob)],
+    identity-major inside each block. The first n_local + n_adj entries carry MSE and ID terms."""
+
+    n: int
+    use_local: bool
+    k_adj: int
+    k_glob: int
+
+    @property
+    def n_local(self) -> int:
+        return self.n if self.use_local else 0
+
+    @property
+    def n_adj(self) -> int:
+        return self.n * self.k_adj
+
+    @property
+    def n_glob(self) -> int:
+        return self.n * self.k_glob
+
+    @property
+    def n_unlearn(self) -> int:
+        return self.n_local + self.n_adj
+
+    @property
+    def total(self) -> int:
+        return self.n_local + self.n_adj + self.n_glob
+
+    def identity_index(self, device=None) -> torch.Tensor:
+        """Identity of each entry [T] (built once per run: it is a host-side list)."""
+        return torch.tensor([i for _, i, _ in self.entries()], dtype=torch.long, device=device)
+
+    def entries(self):
+        """(kind, identity, k) for each entry, in order."""
+        out = [("local", i, 0) for i in range(self.n_local)]
+        out += [("adjacency", i, k) for i in range(self.n) for k in range(self.k_adj)]
+        out += [("global", i, k) for i in range(self.n) for k in range(self.k_glob)]
+        return out
+
+
+@dataclass
+class StepDraws:
+    """The random numbers of one step. yaw [n]; adj_z [n, K_adj, z]; adj_alpha [n, K_adj];
+    glob_z [n, K_glob, z]; render_u / render_s: renderer uniforms for the trainable / frozen
+    renders in Layout order ({"stratified": [T, rays, S, 1], "importance": [T*rays, S_imp]}),
+    or None to let the renderer draw them."""
+
+    yaw: torch.Tensor
+    adj_z: torch.Tensor
+    adj_alpha: torch.Tensor
+    glob_z: torch.Tensor
+    render_u: dict | None = None
+    render_s: dict | None = None
+
+
+def sample_draws(cfg: UnlearnConfig, layout: Layout, z_dim: int, device, generator=None, render=None) -> StepDraws:
+    """Draw one step's randomness on `device` (graph-safe with the default CUDA generator).
+
+    render: optional (rays, RenderOptions) to also draw the renderer's uniforms explicitly.
+    """
+    n = layout.n
+    kw = dict(device=device, generator=generator)
+    yaw = (torch.rand(n, **kw) * 2 - 1) * cfg.yaw_range
+    adj_z = torch.randn(n, layout.k_adj, z_dim, **kw)
+    adj_alpha = torch.rand(n, layout.k_adj, **kw) * (cfg.adjacency_alpha_max - cfg.adjacency_alpha_min) + cfg.adjacency_alpha_min
+    glob_z = torch.randn(n, layout.k_glob, z_dim, **kw)
+    render_u = render_s = None
+    if render is not None:
+        from ..render import make_render_draws
+
+        rays, opts = render
+        render_u = make_render_draws(layout.total, rays, opts, device, generator)
+        render_s = make_render_draws(layout.total, rays, opts, device, generator)
+    return StepDraws(yaw, adj_z, adj_alpha, glob_z, render_u, render_s)
+
+
+def _slice_draws(draws: dict | None, entry: int, rays: int):
+    if draws is None:
+        return None
+    return {"stratified": draws["stratified"][entry:entry + 1],
+            "importance": draws["importance"][entry * rays:(entry + 1) * rays]}
+
+
+def step_cameras(cfg: UnlearnConfig, yaw: torch.Tensor) -> torch.Tensor:
+    """One rendering camera per identity (guide.md §3.2): yaw pi/2 + U(±yaw_range), polar pi/2 + pitch."""
+    return cameras.pose_label(yaw, cfg.pitch, fov_degrees=cfg.fov_degrees, lookat=cfg.lookat, radius=cfg.radius,
+                              device=yaw.device)
+
+
+class _StepBase:
+    def __init__(self, g_u, g_s, id_loss, lpips, cfg: UnlearnConfig, w_u: torch.Tensor, w_t: torch.Tensor):
+        self.g_u, self.g_s = g_u, g_s
+        self.id_loss, self.lpips = id_loss, lpips
+        self.cfg = cfg
+        self.w_u, self.w_t = w_u, w_t
+        self.device = w_u.device
+        self.layout = Layout(w_u.shape[0], cfg.use_local, cfg.k_adj, cfg.k_glob)
+        self.c_cond = cameras.frontal_label(1, fov_degrees=cfg.fov_degrees, lookat=cfg.lookat, radius=cfg.radius,
+                                            device=self.device)
+        self.rays = g_u.neural_rendering_resolution ** 2
+        self.params = [p for _, p in g_u.trainable_synthesis_parameters()]
+        self.entry_identity = self.layout.identity_index(self.device)
+
+    def map_z(self, z: torch.Tensor) -> torch.Tensor:
+        """Random latents with frontal conditioning, psi from the config (guide.md §3.5(b) step 1).
+        The mapping network is frozen and identical in both generators."""
+        flat = z.reshape(-1, z.shape[-1])
+        ws = self.g_s.mapping(flat, self.c_cond.expand(flat.shape[0], -1), truncation_psi=self.cfg.truncation_psi)
+        return ws.reshape(*z.shape[:-1], *ws.shape[1:])
+
+    def latents(self, draws: StepDraws):
+        """-> (trainable latents, frozen latents) [T, L, D] in Layout order."""
+        lay = self.layout
+        parts_u, parts_s = [], []
+        if lay.use_local:
+            parts_u.append(self.w_u)
+            parts_s.append(self.w_t)
+        if lay.k_adj:
+            delta = adjacency_offsets(self.map_z(draws.adj_z), self.w_u, draws.adj_alpha)
+            parts_u.append((self.w_u.unsqueeze(1) + delta).flatten(0, 1))
+            parts_s.append((self.w_t.unsqueeze(1) + delta).flatten(0, 1))
+        if lay.k_glob:
+            w_g = self.map_z(draws.glob_z).flatten(0, 1)
+            parts_u.append(w_g)
+            parts_s.append(w_g)
+        return torch.cat(parts_u), torch.cat(parts_s)
+
+    def weights(self):
+        """Per-entry weights of the (mse, lpips, id) terms, as the summed GUIDE loss needs them."""
+        cfg, lay = self.cfg, self.layout
+        mse = [cfg.local_mse_weight] * lay.n_local + [cfg.adjacency_weight * cfg.adjacency_mse_weight] * lay.n_adj
+        lp = ([cfg.local_lpips_weight] * lay.n_local + [cfg.adjacency_weight * cfg.adjacency_lpips_weight] * lay.n_adj
+              + [cfg.global_weight] * lay.n_glob)
+        idw = [cfg.local_id_weight] * lay.n_local + [cfg.adjacency_weight * cfg.adjacency_id_weight] * lay.n_adj
+        t = lambda v: torch.tensor(v, dtype=torch.float32, device=self.device)  # noqa: E731
+        return t(mse), t(lp), t(idw)
+
+    def summarize(self, entry_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """entry losses [T] -> (LOSS_NAMES values [4], per-identity totals [n])."""
+        lay = self.layout
+        a, b = lay.n_local, lay.n_local + lay.n_adj
+        zero = entry_loss.new_zeros(())
+        local = entry_loss[:a].sum() if a else zero
+        adj = entry_loss[a:b].sum() if lay.n_adj else zero
+        glob = entry_loss[b:].sum() if lay.n_glob else zero
+        total = local + adj + glob
+        per_id = entry_loss.new_zeros(lay.n).index_add(0, self.entry_identity, entry_loss)
+        return torch.stack([total, local, adj, glob]), per_id
+
+
+class ReferenceStep(_StepBase):
+    """guide.md §3.5 as the official code runs it: batch 1, term by term, fp32, eager."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        cfg = self.cfg
+        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+    def losses(self, draws: StepDraws):
+        """Entry losses [T] in Layout order, computed one term at a time."""
+        cfg, lay = self.cfg, self.layout
+        w_u_all, w_s_all = self.latents(draws)
+        cams = step_cameras(cfg, draws.yaw)
+        ids = [i for _, i, _ in lay.entries()]
+        mse_w, lp_w, id_w = self.weights()
+        out = []
+        for e, (kind, _i, _k) in enumerate(lay.entries()):
+            wu, ws = w_u_all[e:e + 1], w_s_all[e:e + 1]
+            c = cams[ids[e]:ids[e] + 1]
+            term = 0.0
+            if kind != "global":
+                # the MSE runs its own backbone passes, with their own noise (guide.md §3.5)
+                p_u = self.g_u.planes(wu, noise_mode=cfg.noise_mode)
+                with torch.no_grad():
+                    p_s = self.g_s.planes(ws, noise_mode=cfg.noise_mode)
+                term = term + mse_w[e] * F.mse_loss(p_u, p_s)
+            img_u = self.g_u.synthesis(wu, c, noise_mode=cfg.noise_mode, render_draws=_slice_draws(draws.render_u, e, self.rays))["image"]
+            with torch.no_grad():
+                img_s = self.g_s.synthesis(ws, c, noise_mode=cfg.noise_mode, render_draws=_slice_draws(draws.render_s, e, self.rays))["image"]
+            term = term + lp_w[e] * self.lpips(img_u, img_s).mean()
+            if kind != "global":
+                term = term + id_w[e] * self.id_loss(img_u, img_s, reduction="mean")
+            out.append(term.reshape(()))
+        return torch.stack(out)
+
+    def step(self, draws: StepDraws):
+        entry = self.losses(draws)
+        values, per_id = self.summarize(entry)
+        self.optimizer.zero_grad(set_to_none=True)
+        values[0].backward()
+        self.optimizer.step()
+        return values.detach(), per_id.detach()
+
+
+class FastStep(_StepBase):
+    """The batched, cached, mixed-precision, graph-capturable step."""
+
+    def __init__(self, *args, precision: str = "fp32", capturable: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        cfg = self.cfg
+        self.precision = precision
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        opt_kwargs = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        if capturable:
+            opt_kwargs.update(capturable=True, foreach=True)
+        self.optimizer = torch.optim.Adam(self.params, **opt_kwargs)
+        # guide.md §3.5(a): the local target G_s(w_t) is constant for the whole run: its
+        # tri-planes are computed once (with the run's noise mode) instead of every step.
+        with torch.no_grad(), self._autocast():
+            self.planes_target = self.g_s.planes(self.w_t, noise_mode=cfg.noise_mode, validate=False).float()
+        self.mse_w, self.lp_w, self.id_w = self.weights()
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        # cache_enabled=False: cached weight casts must not leak out of a captured graph
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
+
+    def _render(self, gen, ws, cams, planes, draws):
+        if self.autocast_dtype is not None and self.g_u.renderer_backend == "triton":
+            planes = planes.to(self.autocast_dtype)  # halve the renderer's texel traffic
+        return gen.synthesis(ws, cams, planes=planes, render_draws=draws, validate=False)["image"]
+
+    def losses(self, draws: StepDraws):
+        cfg, lay = self.cfg, self.layout
+        with nvtx_range("mapping"):
+            w_u_all, w_s_all = self.latents(draws)
+            cams = step_cameras(cfg, draws.yaw).index_select(0, self.entry_identity)
+        with self._autocast():
+            with nvtx_range("backbone"):
+                planes_u = self.g_u.planes(w_u_all, noise_mode=cfg.noise_mode, validate=False)
+                with torch.no_grad():
+                    if lay.n_local < lay.total:
+                        new = self.g_s.planes(w_s_all[lay.n_local:], noise_mode=cfg.noise_mode, validate=False).float()
+                        planes_s = torch.cat([self.planes_target, new]) if lay.n_local else new
+                    else:
+                        planes_s = self.planes_target
+            with nvtx_range("render"):
+                img_u = self._render(self.g_u, w_u_all, cams, planes_u, draws.render_u)
+                with torch.no_grad():
+                    img_s = self._render(self.g_s, w_s_all, cams, planes_s, draws.render_s)
+            m = lay.n_unlearn
+            entry = img_u.new_zeros(lay.total, dtype=torch.float32)
+            if m:
+                # tri-plane MSE per entry: F.mse_loss's mean over all elements (guide.md §3.5(a))
+                mse = (planes_u[:m].float() - planes_s[:m]).square().flatten(1).mean(1)
+                entry = entry + F.pad(self.mse_w * mse, (0, lay.total - m))
+            with nvtx_range("lpips"):
+                entry = entry + self.lp_w * self.lpips(img_u, img_s).float().reshape(-1)
+            if m:
+                with nvtx_range("identity"):
+                    idl = self.id_loss(img_u[:m], img_s[:m], reduction="none").float()
+                entry = entry + F.pad(self.id_w * idl, (0, lay.total - m))
+        return entry
+
+    def step(self, draws: StepDraws):
+        with nvtx_range("step"):
+            # set_to_none: inside a graph capture the backward then allocates the gradients
+            # from the graph's pool and each replay overwrites them (no accumulation).
+            self.optimizer.zero_grad(set_to_none=True)
+            entry = self.losses(draws)
+            values, per_id = self.summarize(entry)
+            with nvtx_range("backward"):
+                values[0].backward()
+            with nvtx_range("optimizer"):
+                self.optimizer.step()
+        return values.detach(), per_id.detach()

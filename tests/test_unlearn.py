@@ -1,0 +1,310 @@
+"""The GUIDE engine on the tiny preset (CPU): formulas, loss terms, fast == reference, batching,
+behaviour of a short run, interruption and bad inputs (issue: the unlearning engine)."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from guide_fast.eg3d.generator import build_generator
+from guide_fast.errors import InputError
+from guide_fast.identity import IdentityLoss
+from guide_fast.perceptual import LPIPS
+from guide_fast.render import make_render_draws
+from guide_fast.unlearn.config import UnlearnConfig
+from guide_fast.unlearn.engine import Unlearner, UnlearnError, latents_from_seeds
+from guide_fast.unlearn.steps import FastStep, ReferenceStep, sample_draws, step_cameras
+from guide_fast.unlearn.targets import adjacency_offsets, target_latent
+
+
+class SmallFaceNet(nn.Module):
+    """A small stand-in for IR-SE50 (112x112 -> 512): the engine only needs the IdentityLoss
+    interface, and the real backbone costs seconds per step on two CPU cores."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 5, stride=4), nn.PReLU(8), nn.Conv2d(8, 16, 3, stride=2), nn.PReLU(16),
+                                  nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(256, 512))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.fixture(scope="module")
+def nets():
+    return IdentityLoss(SmallFaceNet()).eval(), LPIPS.random(0).eval()
+
+
+@pytest.fixture(scope="module")
+def gen():
+    g = build_generator("tiny", seed=0)
+    with torch.no_grad():  # noise strengths are zero at init: make the noise matter
+        for name, p in g.named_parameters():
+            if name.endswith("noise_strength"):
+                p.fill_(0.1)
+    return g
+
+
+def _cfg(**kw):
+    base = dict(iterations=1, noise_mode="const", path="fast", seed=0)
+    base.update(kw)
+    return UnlearnConfig(**base)
+
+
+def _session_parts(gen, nets, cfg, w_u, step_cls):
+    id_loss, lpips = nets
+    g_s = gen.copy().train().requires_grad_(False)
+    g_u = gen.copy().train().requires_grad_(False)
+    for _, p in g_u.trainable_synthesis_parameters():
+        p.requires_grad_(True)
+    w_t = target_latent(w_u, g_s.w_avg, cfg.target, cfg.target_distance)
+    return step_cls(g_u, g_s, id_loss, lpips, cfg, w_u, w_t), g_u, g_s, w_t
+
+
+def _draws(step, cfg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return sample_draws(cfg, step.layout, step.g_u.config.z_dim, "cpu", g,
+                        render=(step.rays, step.g_u.render_options))
+
+
+def test_ufo_target_formula():
+    torch.manual_seed(0)
+    w_u = torch.randn(3, 8, 16)
+    w_avg = torch.randn(16)
+    w_t = target_latent(w_u, w_avg, "extra", 30.0)
+    for i in range(3):
+        d = w_u[i] - w_avg
+        want = w_avg - 30.0 * d / torch.sqrt((d ** 2).sum())  # Frobenius over all layers (guide.md §3.4)
+        torch.testing.assert_close(w_t[i], want)
+        assert torch.linalg.norm(w_t[i] - w_avg) == pytest.approx(30.0, rel=1e-5)
+    torch.testing.assert_close(target_latent(w_u, w_avg, "average"), w_avg.expand(3, 8, 16))
+    with pytest.raises(InputError, match="target mode"):
+        target_latent(w_u, w_avg, "opposite")
+
+
+def test_adjacency_offsets_formula():
+    torch.manual_seed(1)
+    w_u, w_r, alpha = torch.randn(2, 4, 6), torch.randn(2, 3, 4, 6), torch.rand(2, 3) * 15
+    delta = adjacency_offsets(w_r, w_u, alpha)
+    for i in range(2):
+        for k in range(3):
+            d = w_r[i, k] - w_u[i]
+            torch.testing.assert_close(delta[i, k], alpha[i, k] * d / d.norm())
+            assert delta[i, k].norm() == pytest.approx(float(alpha[i, k]), rel=1e-5)
+
+
+def test_each_loss_term_equals_a_direct_computation(gen, nets):
+    id_loss, lpips = nets
+    cfg = _cfg()
+    w_u = latents_from_seeds(gen, [3])
+    step, g_u, g_s, w_t = _session_parts(gen, nets, cfg, w_u, FastStep)
+    draws = _draws(step, cfg)
+    with torch.no_grad():
+        entry = step.losses(draws)
+    assert entry.shape == (5,)  # 1 local + 2 adjacency + 2 global
+    c = step_cameras(cfg, draws.yaw)
+    w_r_adj = g_s.mapping(draws.adj_z[0], step.c_cond.expand(2, -1))
+    w_r_glob = g_s.mapping(draws.glob_z[0], step.c_cond.expand(2, -1))
+    pairs = [(w_u[0], w_t[0])]
+    for k in range(2):
+        d = w_r_adj[k] - w_u[0]
+        delta = draws.adj_alpha[0, k] * d / d.norm()
+        pairs.append((w_u[0] + delta, w_t[0] + delta))
+    pairs += [(w_r_glob[k], w_r_glob[k]) for k in range(2)]
+    rays = step.rays
+    with torch.no_grad():
+        for e, (wu, ws) in enumerate(pairs):
+            sl = lambda d: {"stratified": d["stratified"][e:e + 1], "importance": d["importance"][e * rays:(e + 1) * rays]}  # noqa: E731
+            img_u = g_u.synthesis(wu[None], c, noise_mode="const", render_draws=sl(draws.render_u))["image"]
+            img_s = g_s.synthesis(ws[None], c, noise_mode="const", render_draws=sl(draws.render_s))["image"]
+            want = lpips(img_u, img_s).mean()
+            if e < 3:  # local and adjacency: 0.01 MSE(planes) + LPIPS + 0.1 ID (guide.md §3.5)
+                mse = F.mse_loss(g_u.planes(wu[None], "const"), g_s.planes(ws[None], "const"))
+                want = 0.01 * mse + want + 0.1 * id_loss(img_u, img_s)
+            assert entry[e].item() == pytest.approx(want.item(), rel=1e-4, abs=1e-6), f"entry {e}"
+
+
+def test_adjacency_and_global_terms_are_summed_not_averaged(gen, nets):
+    cfg = _cfg()
+    w_u = latents_from_seeds(gen, [3])
+    step, *_ = _session_parts(gen, nets, cfg, w_u, FastStep)
+    with torch.no_grad():
+        entry = step.losses(_draws(step, cfg))
+    values, per_id = step.summarize(entry)
+    total, local, adj, glob = values.tolist()
+    assert local == pytest.approx(entry[0].item())
+    assert adj == pytest.approx(entry[1].item() + entry[2].item())
+    assert glob == pytest.approx(entry[3].item() + entry[4].item())
+    assert total == pytest.approx(local + adj + glob)
+    assert per_id.tolist() == pytest.approx([total])
+    # weights: doubling adjacency_weight doubles the adjacency block only
+    cfg2 = _cfg(adjacency_weight=2.0, global_weight=0.5)
+    step2, *_ = _session_parts(gen, nets, cfg2, w_u, FastStep)
+    with torch.no_grad():
+        v2, _ = step2.summarize(step2.losses(_draws(step2, cfg2)))
+    assert v2[2].item() == pytest.approx(2 * adj, rel=1e-5)
+    assert v2[3].item() == pytest.approx(0.5 * glob, rel=1e-5)
+    assert v2[1].item() == pytest.approx(local, rel=1e-5)
+
+
+def test_fast_step_equals_reference_step_on_the_same_draws(gen, nets):
+    cfg = _cfg()
+    w_u = latents_from_seeds(gen, [5])
+    fast, g_fast, _, _ = _session_parts(gen, nets, cfg, w_u, FastStep)
+    ref, g_ref, _, _ = _session_parts(gen, nets, cfg, w_u, ReferenceStep)
+    draws = _draws(fast, cfg, seed=3)
+    vf, _ = fast.step(draws)
+    vr, _ = ref.step(draws)
+    torch.testing.assert_close(vf, vr, rtol=1e-4, atol=1e-6)
+    before = dict(gen.named_parameters())
+    changed = 0
+    for (name, pf), (_, pr) in zip(g_fast.named_parameters(), g_ref.named_parameters()):
+        if name.startswith("backbone.synthesis."):
+            # one Adam step moves each weight by about lr*sign(grad): compare at lr/10
+            torch.testing.assert_close(pf, pr, rtol=0, atol=1e-5, msg=name)
+            changed += int(not torch.equal(pf, before[name]))
+        else:
+            assert torch.equal(pf, before[name]) and torch.equal(pr, before[name]), f"{name} must stay frozen"
+    assert changed > 10
+
+
+def test_batched_identities_equal_the_single_identity_path(gen, nets):
+    cfg = _cfg()
+    w2 = latents_from_seeds(gen, [11, 12])
+    both, g_both, _, _ = _session_parts(gen, nets, cfg, w2, FastStep)
+    d2 = _draws(both, cfg, seed=4)
+    entry2 = both.losses(d2)
+    entry2.sum().backward()
+    lay = both.layout
+    rays = both.rays
+    for i in range(2):
+        one, g_one, _, _ = _session_parts(gen, nets, cfg, w2[i:i + 1], FastStep)
+        # the same draws, restricted to identity i (layout: local, adjacency i-major, global i-major)
+        idx = [i] + [lay.n_local + i * 2 + k for k in range(2)] + [lay.n_local + lay.n_adj + i * 2 + k for k in range(2)]
+        pick = lambda d: {"stratified": d["stratified"][idx],  # noqa: E731
+                          "importance": torch.cat([d["importance"][j * rays:(j + 1) * rays] for j in idx])}
+        from guide_fast.unlearn.steps import StepDraws
+
+        d1 = StepDraws(d2.yaw[i:i + 1], d2.adj_z[i:i + 1], d2.adj_alpha[i:i + 1], d2.glob_z[i:i + 1],
+                       pick(d2.render_u), pick(d2.render_s))
+        entry1 = one.losses(d1)
+        torch.testing.assert_close(entry1, entry2[idx], rtol=1e-4, atol=1e-6)
+        _, per_id = one.summarize(entry1)
+        _, per_id2 = both.summarize(entry2.detach())
+        assert per_id.item() == pytest.approx(per_id2[i].item(), rel=1e-4)
+
+
+def test_short_run_forgets_locally_and_preserves_elsewhere(gen, nets):
+    cfg = UnlearnConfig(iterations=10, lr=1e-3, noise_mode="const", seed=0, eval_views=3)
+    id_loss, lpips = nets
+    result = Unlearner(gen, id_loss, lpips, cfg).unlearn(seeds=[21])
+    local = [r["local"] for r in result.losses]
+    assert len(local) == 10 and all(math.isfinite(v) for v in local)
+    assert sum(local[-3:]) / 3 < sum(local[:3]) / 3, f"local loss did not fall: {local}"
+    g_u, g_s = result.generator, result.source
+    rays = g_s.neural_rendering_resolution ** 2
+    draws = make_render_draws(1, rays, g_s.render_options, generator=torch.Generator().manual_seed(9))
+    c = step_cameras(cfg, torch.zeros(1))
+    img = lambda g, w: g.synthesis(w, c, noise_mode="const", render_draws=draws)["image"]  # noqa: E731
+    dist = lambda a, b: (a - b).abs().mean().item()  # noqa: E731
+    with torch.no_grad():
+        w_u, w_t = result.w_source, result.w_target
+        assert dist(img(g_u, w_u), img(g_s, w_t)) < dist(img(g_s, w_u), img(g_s, w_t)), "G_u(w_u) must move toward G_s(w_t)"
+        moved = dist(img(g_u, w_u), img(g_s, w_u))
+        held = latents_from_seeds(gen, [101, 102, 103, 104, 105])
+        drift = [dist(img(g_u, held[j:j + 1]), img(g_s, held[j:j + 1])) for j in range(5)]
+        spread = dist(img(g_s, held[0:1]), img(g_s, held[1:2]))
+    # Stated bound: held-out identities move less on average than the unlearned one, and each by
+    # under 10% of the typical difference between two identities of the source generator.
+    assert sum(drift) / len(drift) < moved, (drift, moved)
+    assert max(drift) < 0.1 * spread, (drift, spread)
+    assert result.renders["before"].shape == (1, 3, 3, 64, 64)
+    delta = result.delta()
+    assert delta and all(k.startswith("backbone.synthesis.") for k in delta)
+
+
+def test_interrupted_run_leaves_no_partial_output(gen, nets, tmp_path):
+    id_loss, lpips = nets
+    unl = Unlearner(gen, id_loss, lpips, _cfg(iterations=4))
+
+    def interrupt(step, session):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        unl.unlearn(seeds=[1], callback=interrupt)
+    result = unl.unlearn(seeds=[1], render=True)
+    import guide_fast.checkpoints as ck
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    orig = ck.save_delta
+    ck.save_delta = broken
+    try:
+        with pytest.raises(OSError):
+            result.save(tmp_path / "run")
+    finally:
+        ck.save_delta = orig
+    assert not any((tmp_path / "run").iterdir()), "an interrupted save must leave no files"
+    assert [p.name for p in tmp_path.iterdir()] == ["run"], "the staging folder must be removed"
+    result.save(tmp_path / "run")
+    assert {p.name for p in (tmp_path / "run").iterdir()} == {
+        "generator.safetensors", "delta.safetensors", "latents.safetensors", "grid.png", "report.json"}
+
+
+class NaNLoss(nn.Module):
+    def forward(self, a, b, reduction="mean"):
+        out = (a - b).flatten(1).mean(1) * float("nan")
+        return out.mean() if reduction == "mean" else out
+
+
+def test_bad_inputs_and_non_finite_loss(gen, nets):
+    id_loss, lpips = nets
+    unl = Unlearner(gen, id_loss, lpips, _cfg())
+    with pytest.raises(InputError, match="expected"):
+        unl.unlearn(latents=torch.randn(1, 3, 64))
+    with pytest.raises(InputError, match="N = 0"):
+        unl.unlearn(latents=torch.randn(0, gen.num_ws, 64))
+    with pytest.raises(InputError, match="N = 0"):
+        unl.unlearn(seeds=[])
+    with pytest.raises(InputError, match="exactly one"):
+        unl.unlearn(seeds=[1], latents=torch.randn(1, gen.num_ws, 64))
+    bad = torch.randn(1, gen.num_ws, 64)
+    bad[0, 0, 0] = float("inf")
+    with pytest.raises(InputError, match="non-finite"):
+        unl.unlearn(latents=bad)
+    with pytest.raises(InputError, match="target mode"):
+        UnlearnConfig(target="opposite")
+    with pytest.raises(InputError, match="bf16"):
+        Unlearner(gen, id_loss, lpips, _cfg(precision="bf16")).unlearn(seeds=[1])
+    with pytest.raises(UnlearnError, match="non-finite at step 1"):
+        Unlearner(gen, NaNLoss(), lpips, _cfg(iterations=2)).unlearn(seeds=[1], render=False)
+
+
+def test_cli_unlearn_writes_checkpoint_delta_report_and_grid(tmp_path, gen):
+    from guide_fast.checkpoints import load_delta, load_generator, save_generator
+    from guide_fast.cli import main
+
+    gpath = save_generator(gen, tmp_path / "tiny.safetensors")
+    torch.save(latents_from_seeds(gen, [4]), tmp_path / "w.pt")
+    out = tmp_path / "run"
+    rc = main(["unlearn", "--generator", str(gpath), "--random-nets", "--latent", str(tmp_path / "w.pt"),
+               "--out", str(out), "--iters", "2", "--no-progress", "--reference"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["iterations"] == 2 and report["config"]["path"] == "reference"
+    assert len(report["losses"]) == 2 and report["random_weights"] is True
+    assert report["environment"]["torch"] == torch.__version__
+    assert report["timings"]["loop_s"] > 0
+    g_u = load_generator(out / "generator.safetensors")
+    delta, meta = load_delta(out / "delta.safetensors")
+    assert set(delta) == {k for k, _ in g_u.named_parameters() if k.startswith("backbone.synthesis.")}
+    assert meta["source_sha256"] == gen.source_sha256 if getattr(gen, "source_sha256", None) else True
+    assert main(["unlearn", "--generator", str(gpath), "--seed", "1", "--out", str(tmp_path / "x"),
+                 "--iters", "1"]) == 2  # no loss networks given -> clear error, exit 2
+    assert main(["unlearn", "--generator", str(tmp_path / "missing.pkl"), "--random-nets", "--seed", "1",
+                 "--out", str(tmp_path / "y"), "--iters", "1"]) == 2
