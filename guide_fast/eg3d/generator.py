@@ -13,6 +13,7 @@ from torch import nn
 
 from .. import cameras
 from ..errors import InputError, check_finite
+from ..profiling import nvtx_range
 from .networks import NOISE_MODES, Backbone, SuperResolution
 from .renderer import OSGDecoder, RenderOptions, sample_rays
 
@@ -219,17 +220,19 @@ class TriPlaneGenerator(nn.Module):
         intr = c[:, 16:25].reshape(-1, 3, 3)
         res = self.neural_rendering_resolution
         ray_origins, ray_directions = sample_rays(cam2world, intr, res)
-        features, depth, _ = render_triplanes(
-            planes, self.decoder, ray_origins, ray_directions, options=self.render_options,
-            render_draws=render_draws, backend=self.renderer_backend, generator=generator, validate=validate,
-        )
-        feature_image = features.permute(0, 2, 1).reshape(n, features.shape[-1], res, res).contiguous()
-        depth_image = depth.permute(0, 2, 1).reshape(n, 1, res, res)
-        rgb_image = feature_image[:, :3]
-        image = self.superresolution(
-            rgb_image, feature_image, ws, noise_mode=self.rendering_kwargs["superresolution_noise_mode"],
-            fp16=self._sr_fp16(ws.device), generator=generator,
-        )
+        with nvtx_range("render"):
+            features, depth, _ = render_triplanes(
+                planes, self.decoder, ray_origins, ray_directions, options=self.render_options,
+                render_draws=render_draws, backend=self.renderer_backend, generator=generator, validate=validate,
+            )
+            feature_image = features.permute(0, 2, 1).reshape(n, features.shape[-1], res, res).contiguous()
+            depth_image = depth.permute(0, 2, 1).reshape(n, 1, res, res)
+            rgb_image = feature_image[:, :3]
+        with nvtx_range("superres"):
+            image = self.superresolution(
+                rgb_image, feature_image, ws, noise_mode=self.rendering_kwargs["superresolution_noise_mode"],
+                fp16=self._sr_fp16(ws.device), generator=generator,
+            )
         return {"image": image, "image_raw": rgb_image, "image_depth": depth_image}
 
     def forward(self, z, c, truncation_psi: float = 1.0, truncation_cutoff=None, **synthesis_kwargs) -> dict:

@@ -58,6 +58,7 @@ class UnlearnConfig:
     precision: str = "auto"            # "auto": bf16 autocast on CUDA (fast path), fp32 elsewhere
     cuda_graph: bool = True            # capture the fast step in a CUDA graph (CUDA only)
     warmup_steps: int = 2              # eager steps before capture (they are real steps)
+    identities_per_pass: int = 4       # fast path: identities per forward/backward (0 = all); bounds memory
     log_every: int = 25                # how often (steps) device-side losses are read back
     eval_views: int = 11               # §3.6: before/after renders at yaw linspace(-pi/12, pi/12, 11)
     extra: dict = field(default_factory=dict)
@@ -90,6 +91,8 @@ class UnlearnConfig:
             raise InputError("at least one of use_local, use_adjacency, use_global must be on")
         if len(self.lookat) != 3:
             raise InputError(f"lookat must be 3 numbers, got {self.lookat}")
+        if self.identities_per_pass < 0:
+            raise InputError("identities_per_pass must be >= 0 (0 = all identities in one pass)")
         if self.eval_views < 1:
             raise InputError("eval_views must be >= 1")
 

@@ -136,7 +136,8 @@ class UnlearnSession:
         self.w_source = w_source.to(self.device, torch.float32)
         self.w_target = target_latent(self.w_source, self.g_s.w_avg, cfg.target, cfg.target_distance)
         step_cls = FastStep if fast else ReferenceStep
-        extra = dict(precision=precision, capturable=self.use_graph) if fast else {}
+        extra = dict(precision=precision, capturable=self.use_graph,
+                     identities_per_pass=cfg.identities_per_pass) if fast else {}
         self.stepper = step_cls(self.g_u, self.g_s, id_loss, lpips, cfg, self.w_source, self.w_target, **extra)
         self.layout = self.stepper.layout
         self.n = self.layout.n

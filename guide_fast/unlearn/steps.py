@@ -62,6 +62,13 @@ class Layout:
         """Identity of each entry [T] (built once per run: it is a host-side list)."""
         return torch.tensor([i for _, i, _ in self.entries()], dtype=torch.long, device=device)
 
+    def entry_indices(self, a: int, b: int) -> list:
+        """Indices (in this layout) of the entries of identities a..b-1, in the order of the
+        layout of those identities alone."""
+        pos = {e: j for j, e in enumerate(self.entries())}
+        sub = Layout(b - a, self.use_local, self.k_adj, self.k_glob)
+        return [pos[(kind, a + i, k)] for kind, i, k in sub.entries()]
+
     def entries(self):
         """(kind, identity, k) for each entry, in order."""
         out = [("local", i, 0) for i in range(self.n_local)]
@@ -140,26 +147,27 @@ class _StepBase:
         ws = self.g_s.mapping(flat, self.c_cond.expand(flat.shape[0], -1), truncation_psi=self.cfg.truncation_psi)
         return ws.reshape(*z.shape[:-1], *ws.shape[1:])
 
-    def latents(self, draws: StepDraws):
+    def latents(self, draws: StepDraws, plan=None):
         """-> (trainable latents, frozen latents) [T, L, D] in Layout order."""
-        lay = self.layout
+        plan = plan or self
+        lay, w_u, w_t = plan.layout, plan.w_u, plan.w_t
         parts_u, parts_s = [], []
         if lay.use_local:
-            parts_u.append(self.w_u)
-            parts_s.append(self.w_t)
+            parts_u.append(w_u)
+            parts_s.append(w_t)
         if lay.k_adj:
-            delta = adjacency_offsets(self.map_z(draws.adj_z), self.w_u, draws.adj_alpha)
-            parts_u.append((self.w_u.unsqueeze(1) + delta).flatten(0, 1))
-            parts_s.append((self.w_t.unsqueeze(1) + delta).flatten(0, 1))
+            delta = adjacency_offsets(self.map_z(draws.adj_z), w_u, draws.adj_alpha)
+            parts_u.append((w_u.unsqueeze(1) + delta).flatten(0, 1))
+            parts_s.append((w_t.unsqueeze(1) + delta).flatten(0, 1))
         if lay.k_glob:
             w_g = self.map_z(draws.glob_z).flatten(0, 1)
             parts_u.append(w_g)
             parts_s.append(w_g)
         return torch.cat(parts_u), torch.cat(parts_s)
 
-    def weights(self):
+    def weights(self, layout=None):
         """Per-entry weights of the (mse, lpips, id) terms, as the summed GUIDE loss needs them."""
-        cfg, lay = self.cfg, self.layout
+        cfg, lay = self.cfg, layout or self.layout
         mse = [cfg.local_mse_weight] * lay.n_local + [cfg.adjacency_weight * cfg.adjacency_mse_weight] * lay.n_adj
         lp = ([cfg.local_lpips_weight] * lay.n_local + [cfg.adjacency_weight * cfg.adjacency_lpips_weight] * lay.n_adj
               + [cfg.global_weight] * lay.n_glob)
@@ -167,16 +175,17 @@ class _StepBase:
         t = lambda v: torch.tensor(v, dtype=torch.float32, device=self.device)  # noqa: E731
         return t(mse), t(lp), t(idw)
 
-    def summarize(self, entry_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def summarize(self, entry_loss: torch.Tensor, plan=None) -> tuple[torch.Tensor, torch.Tensor]:
         """entry losses [T] -> (LOSS_NAMES values [4], per-identity totals [n])."""
-        lay = self.layout
+        plan = plan or self
+        lay = plan.layout
         a, b = lay.n_local, lay.n_local + lay.n_adj
         zero = entry_loss.new_zeros(())
         local = entry_loss[:a].sum() if a else zero
         adj = entry_loss[a:b].sum() if lay.n_adj else zero
         glob = entry_loss[b:].sum() if lay.n_glob else zero
         total = local + adj + glob
-        per_id = entry_loss.new_zeros(lay.n).index_add(0, self.entry_identity, entry_loss)
+        per_id = entry_loss.new_zeros(lay.n).index_add(0, plan.entry_identity, entry_loss)
         return torch.stack([total, local, adj, glob]), per_id
 
 
@@ -224,10 +233,31 @@ class ReferenceStep(_StepBase):
         return values.detach(), per_id.detach()
 
 
-class FastStep(_StepBase):
-    """The batched, cached, mixed-precision, graph-capturable step."""
+@dataclass
+class _Pass:
+    """One forward/backward pass of the fast step: a contiguous group of identities."""
 
-    def __init__(self, *args, precision: str = "fp32", capturable: bool = False, **kwargs):
+    start: int
+    entry_index: torch.Tensor  # positions of this pass's entries in the whole step's layout
+    layout: Layout
+    w_u: torch.Tensor
+    w_t: torch.Tensor
+    planes_target: torch.Tensor
+    entry_identity: torch.Tensor
+    mse_w: torch.Tensor
+    lp_w: torch.Tensor
+    id_w: torch.Tensor
+
+
+class FastStep(_StepBase):
+    """The batched, cached, mixed-precision, graph-capturable step.
+
+    identities_per_pass bounds memory for many identities: groups of identities run one
+    forward/backward each, gradients accumulate, and one Adam step follows (the same update
+    as a single pass, up to summation order).
+    """
+
+    def __init__(self, *args, precision: str = "fp32", capturable: bool = False, identities_per_pass: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         cfg = self.cfg
         self.precision = precision
@@ -236,11 +266,19 @@ class FastStep(_StepBase):
         if capturable:
             opt_kwargs.update(capturable=True, foreach=True)
         self.optimizer = torch.optim.Adam(self.params, **opt_kwargs)
-        # guide.md §3.5(a): the local target G_s(w_t) is constant for the whole run: its
-        # tri-planes are computed once (with the run's noise mode) instead of every step.
-        with torch.no_grad(), self._autocast():
-            self.planes_target = self.g_s.planes(self.w_t, noise_mode=cfg.noise_mode, validate=False).float()
-        self.mse_w, self.lp_w, self.id_w = self.weights()
+        n = self.layout.n
+        per = n if identities_per_pass <= 0 else min(identities_per_pass, n)
+        self.passes = []
+        for a in range(0, n, per):
+            b = min(a + per, n)
+            lay = Layout(b - a, cfg.use_local, cfg.k_adj, cfg.k_glob)
+            w_u, w_t = self.w_u[a:b], self.w_t[a:b]
+            # guide.md §3.5(a): the local target G_s(w_t) is constant for the whole run: its
+            # tri-planes are computed once (with the run's noise mode) instead of every step.
+            with torch.no_grad(), self._autocast():
+                planes_t = self.g_s.planes(w_t, noise_mode=cfg.noise_mode, validate=False).float()
+            index = torch.tensor(self.layout.entry_indices(a, b), dtype=torch.long, device=self.device)
+            self.passes.append(_Pass(a, index, lay, w_u, w_t, planes_t, lay.identity_index(self.device), *self.weights(lay)))
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -253,21 +291,37 @@ class FastStep(_StepBase):
             planes = planes.to(self.autocast_dtype)  # halve the renderer's texel traffic
         return gen.synthesis(ws, cams, planes=planes, render_draws=draws, validate=False)["image"]
 
-    def losses(self, draws: StepDraws):
-        cfg, lay = self.cfg, self.layout
+    def _slice(self, draws: StepDraws, plan: "_Pass", whole: bool) -> StepDraws:
+        if whole:
+            return draws
+        a, b = plan.start, plan.start + plan.layout.n
+
+        def pick(d):
+            if d is None:
+                return None
+            imp = d["importance"].reshape(self.layout.total, self.rays, -1).index_select(0, plan.entry_index)
+            return {"stratified": d["stratified"].index_select(0, plan.entry_index), "importance": imp.flatten(0, 1)}
+
+        return StepDraws(draws.yaw[a:b], draws.adj_z[a:b], draws.adj_alpha[a:b], draws.glob_z[a:b],
+                         pick(draws.render_u), pick(draws.render_s))
+
+    def losses(self, draws: StepDraws, plan: _Pass | None = None):
+        """Entry losses [T] of one pass (default: the first, i.e. all identities when unsplit)."""
+        plan = plan or self.passes[0]
+        cfg, lay = self.cfg, plan.layout
         with nvtx_range("mapping"):
-            w_u_all, w_s_all = self.latents(draws)
-            cams = step_cameras(cfg, draws.yaw).index_select(0, self.entry_identity)
+            w_u_all, w_s_all = self.latents(draws, plan)
+            cams = step_cameras(cfg, draws.yaw).index_select(0, plan.entry_identity)
         with self._autocast():
             with nvtx_range("backbone"):
                 planes_u = self.g_u.planes(w_u_all, noise_mode=cfg.noise_mode, validate=False)
                 with torch.no_grad():
                     if lay.n_local < lay.total:
                         new = self.g_s.planes(w_s_all[lay.n_local:], noise_mode=cfg.noise_mode, validate=False).float()
-                        planes_s = torch.cat([self.planes_target, new]) if lay.n_local else new
+                        planes_s = torch.cat([plan.planes_target, new]) if lay.n_local else new
                     else:
-                        planes_s = self.planes_target
-            with nvtx_range("render"):
+                        planes_s = plan.planes_target
+            with nvtx_range("synthesis"):
                 img_u = self._render(self.g_u, w_u_all, cams, planes_u, draws.render_u)
                 with torch.no_grad():
                     img_s = self._render(self.g_s, w_s_all, cams, planes_s, draws.render_s)
@@ -276,13 +330,13 @@ class FastStep(_StepBase):
             if m:
                 # tri-plane MSE per entry: F.mse_loss's mean over all elements (guide.md §3.5(a))
                 mse = (planes_u[:m].float() - planes_s[:m]).square().flatten(1).mean(1)
-                entry = entry + F.pad(self.mse_w * mse, (0, lay.total - m))
+                entry = entry + F.pad(plan.mse_w * mse, (0, lay.total - m))
             with nvtx_range("lpips"):
-                entry = entry + self.lp_w * self.lpips(img_u, img_s).float().reshape(-1)
+                entry = entry + plan.lp_w * self.lpips(img_u, img_s).float().reshape(-1)
             if m:
                 with nvtx_range("identity"):
                     idl = self.id_loss(img_u[:m], img_s[:m], reduction="none").float()
-                entry = entry + F.pad(self.id_w * idl, (0, lay.total - m))
+                entry = entry + F.pad(plan.id_w * idl, (0, lay.total - m))
         return entry
 
     def step(self, draws: StepDraws):
@@ -290,10 +344,16 @@ class FastStep(_StepBase):
             # set_to_none: inside a graph capture the backward then allocates the gradients
             # from the graph's pool and each replay overwrites them (no accumulation).
             self.optimizer.zero_grad(set_to_none=True)
-            entry = self.losses(draws)
-            values, per_id = self.summarize(entry)
-            with nvtx_range("backward"):
-                values[0].backward()
+            whole = len(self.passes) == 1
+            values, per_ids = None, []
+            for plan in self.passes:
+                sub = self._slice(draws, plan, whole)
+                entry = self.losses(sub, plan)
+                v, per_id = self.summarize(entry, plan)
+                with nvtx_range("backward"):
+                    v[0].backward()
+                values = v.detach() if values is None else values + v.detach()
+                per_ids.append(per_id.detach())
             with nvtx_range("optimizer"):
                 self.optimizer.step()
-        return values.detach(), per_id.detach()
+        return values, torch.cat(per_ids)
