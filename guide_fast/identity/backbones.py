@@ -273,13 +273,18 @@ def load_backbone(path, device=None, kind: str | None = None) -> IRBackbone:
         )
     if kind is not None and kind != found:
         raise CheckpointError(f"{path}: holds {DESCRIPTIONS[found]}, expected {DESCRIPTIONS.get(kind, kind)}")
-    model = IRBackbone(found)
-    # strict=False only because num_batches_tracked may be absent (old files, §0); every other
-    # key was checked above, so the result is a complete load.
-    result = model.load_state_dict(state, strict=False)
-    leftover = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
-    if leftover or result.unexpected_keys:  # cannot happen after compare_keys; kept as a guard
-        raise CheckpointError(f"{path}: incomplete load: missing {leftover[:5]}, unexpected {result.unexpected_keys[:5]}")
+    # Every key was checked above; old files may lack num_batches_tracked (§0), which has no
+    # effect in eval mode: fill it with 0 so that the load below is complete and strict.
+    full = OrderedDict()
+    for key in expected_keys(found):
+        full[key] = state[key] if key in state else torch.zeros((), dtype=torch.long)
+    # Build on the meta device and adopt the file's tensors (assign=True): no random
+    # initialisation of 44-65 M parameters only to overwrite them.
+    with torch.device("meta"):
+        model = IRBackbone(found)
+    model.load_state_dict(
+        OrderedDict((k, v.float() if v.is_floating_point() else v) for k, v in full.items()), strict=True, assign=True
+    )
     model.eval().requires_grad_(False)
     if device is not None:
         model.to(device)

@@ -1,0 +1,166 @@
+"""Seconds per GUIDE step and peak memory: reference loop vs fast loop, N identities.
+
+GPU (default preset ffhq512-128): reference (eager fp32, batch 1, term by term) vs fast (batched,
+cached planes, bf16, fused renderer, CUDA graph) and fast without the graph; N = 1, 4, 16
+identities; and, when the time budget allows, a full 1000-step run of one identity.
+CPU (tiny preset): the same comparison; the ratio there is what batching and caching alone
+give (no bf16, no fused kernel, no graph).
+
+The loss networks have random weights: speed does not depend on the weight values.
+    python -m benchmarks.bench_unlearn [--quick] [--budget-s 240]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+import traceback
+
+import torch
+
+from benchmarks.common import make_row, peak_memory_mb, reset_peak, write_rows
+
+
+def build(preset: str, device):
+    from guide_fast.eg3d.generator import build_generator
+    from guide_fast.identity import IdentityLoss, build_backbone
+    from guide_fast.perceptual import LPIPS
+
+    gen = build_generator(preset, seed=0, device=device)
+    return gen, IdentityLoss(build_backbone("ir_se50", seed=0)).to(device), LPIPS.random(0).to(device)
+
+
+def time_steps(nets, cfg_kwargs, seeds, steps: int, device) -> dict:
+    """Prepare a session, run warm-up (incl. graph capture), then time `steps` steps."""
+    from guide_fast.unlearn.config import UnlearnConfig
+    from guide_fast.unlearn.engine import Unlearner
+
+    gen, id_loss, lpips = nets
+    cfg = UnlearnConfig(**cfg_kwargs)
+    warm = cfg.warmup_steps + 2 if cfg.path == "fast" else 1
+    cfg.iterations = warm + steps
+    reset_peak(device)
+    t0 = time.perf_counter()
+    session = Unlearner(gen, id_loss, lpips, cfg).prepare(seeds=seeds)
+    setup = time.perf_counter() - t0
+    for _ in range(warm):
+        session.step()
+    session.synchronize()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        session.step()
+        session.synchronize()
+        times.append((time.perf_counter() - t) * 1e3)
+    session.steps_done = min(session.steps_done, cfg.iterations)
+    session.read_losses()  # raises on a non-finite loss
+    times.sort()
+    k = len(times)
+    return {
+        "timing": {"median_ms": times[k // 2], "p20_ms": times[int(0.2 * (k - 1))], "p80_ms": times[int(0.8 * (k - 1))]},
+        "peak_mb": peak_memory_mb(device), "setup_s": setup, "capture_s": session.timings.get("capture_s"),
+        "renderer": session.renderer, "precision": session.precision, "graph": session.use_graph,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="auto", help="auto (ffhq512-128 on GPU, tiny on CPU), tiny or ffhq512-128")
+    ap.add_argument("--identities", default=None, help="comma list of N (default 1,4,16 on GPU, 1,4 on CPU)")
+    ap.add_argument("--ref-steps", type=int, default=None)
+    ap.add_argument("--fast-steps", type=int, default=None)
+    ap.add_argument("--budget-s", type=float, default=240.0, help="wall-clock budget; the full run is skipped if it would not fit")
+    ap.add_argument("--full-run", choices=["auto", "yes", "no"], default="auto")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+
+    start = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
+    preset = args.preset if args.preset != "auto" else ("ffhq512-128" if gpu else "tiny")
+    ns = [int(x) for x in (args.identities or ("1,4,16" if gpu else "1,4")).split(",")]
+    ref_steps = args.ref_steps or (2 if args.quick else 4)
+    fast_steps = args.fast_steps or ((5 if args.quick else 20) if gpu else (2 if args.quick else 4))
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+    nets = build(preset, device)
+    rows = []
+    results = {}
+
+    def record(what, path, n, dtype, res=None, extra="", error=None):
+        shape = f"N={n} {preset}"
+        if error is not None:
+            rows.append(make_row("unlearn", what, path=path, shape=shape, dtype=dtype, extra=f"ERROR: {error}", device=device))
+            return
+        ex = f"setup_s={res['setup_s']:.2f}; renderer={res['renderer']}; graph={res['graph']}"
+        if res.get("capture_s"):
+            ex += f"; capture_s={res['capture_s']:.2f}"
+        ex += f"; per_identity_ms={res['timing']['median_ms'] / n:.1f}" + (f"; {extra}" if extra else "")
+        rows.append(make_row("unlearn", what, path=path, shape=shape, dtype=dtype, timing=res["timing"],
+                             peak_mb=res["peak_mb"], extra=ex, device=device))
+
+    def run(key, what, path, n, cfg_kwargs, steps, dtype):
+        try:
+            res = time_steps(nets, cfg_kwargs, list(range(n)), steps, device)
+            results[key] = res
+            extra = ""
+            if key != ("reference", 1) and ("reference", 1) in results:
+                ref = results[("reference", 1)]["timing"]["median_ms"]
+                extra = f"speedup_vs_reference_per_identity={ref / (res['timing']['median_ms'] / n):.1f}x"
+            record(what, path, n, dtype, res, extra)
+        except Exception as exc:  # record OOM / capture failures and go on
+            traceback.print_exc()
+            record(what, path, n, dtype, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        finally:
+            if gpu:
+                torch.cuda.empty_cache()
+
+    base = dict(seed=0)
+    run(("reference", 1), "step", "reference", 1, dict(base, path="reference", precision="fp32", renderer="reference"),
+        ref_steps, "fp32")
+    fast_dtype = "bf16" if gpu else "fp32"
+    for n in ns:
+        run(("fast", n), "step", "fast" + ("+graph" if gpu else ""), n, dict(base, path="fast"), fast_steps, fast_dtype)
+    if gpu:
+        run(("fast-eager", 1), "step", "fast-eager (no graph)", 1, dict(base, path="fast", cuda_graph=False),
+            fast_steps, fast_dtype)
+        run(("fast-reference-renderer", 1), "step", "fast (reference renderer, no graph)", 1,
+            dict(base, path="fast", cuda_graph=False, renderer="reference"), max(3, fast_steps // 4), fast_dtype)
+
+    # A full paper-settings run (1000 steps, one identity) if the budget allows it.
+    fast1 = results.get(("fast", 1))
+    left = args.budget_s - (time.perf_counter() - start)
+    want_full = args.full_run == "yes" or (args.full_run == "auto" and gpu and fast1 is not None
+                                           and fast1["timing"]["median_ms"] * 1000 / 1e3 + 30 < left)
+    if want_full:
+        from guide_fast.unlearn.config import UnlearnConfig
+        from guide_fast.unlearn.engine import Unlearner
+
+        try:
+            gen, id_loss, lpips = nets
+            reset_peak(device)
+            t0 = time.perf_counter()
+            res = Unlearner(gen, id_loss, lpips, UnlearnConfig(seed=0)).unlearn(seeds=[0], render=False)
+            wall = time.perf_counter() - t0
+            t = res.timings
+            rows.append(make_row(
+                "unlearn", "full run (1000 steps, 1 identity)", path="fast", shape=f"N=1 {preset}", dtype=fast_dtype,
+                timing={"median_ms": wall * 1e3}, peak_mb=peak_memory_mb(device),
+                extra=(f"wall_s={wall:.1f}; loop_s={t['loop_s']:.1f}; setup_s={t['setup_s']:.1f}; "
+                       f"capture_s={t.get('capture_s', 0):.1f}; steady_step_ms={t['steady_step_ms']:.1f}; "
+                       f"final_total_loss={res.losses[-1]['total']:.4f}; target_30s={'met' if wall <= 30 else 'not met'}"),
+                device=device))
+        except Exception as exc:
+            traceback.print_exc()
+            rows.append(make_row("unlearn", "full run (1000 steps, 1 identity)", path="fast", shape=f"N=1 {preset}",
+                                 dtype=fast_dtype, extra=f"ERROR: {type(exc).__name__}: {exc}"[:300], device=device))
+    elif gpu:
+        est = fast1["timing"]["median_ms"] if fast1 else float("nan")
+        rows.append(make_row("unlearn", "full run (1000 steps, 1 identity)", path="fast", shape=f"N=1 {preset}",
+                             dtype=fast_dtype, extra=f"NOT RUN (time budget); estimate from the step time: "
+                                                     f"{est:.1f} s + setup", device=device))
+    write_rows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
