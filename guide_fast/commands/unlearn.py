@@ -44,6 +44,12 @@ def add_commands(sub) -> None:
     p.add_argument("--no-graph", action="store_true", help="do not capture the step in a CUDA graph")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--invert-steps", type=int, default=300, help="optimisation steps of the photo inversion")
+    p.add_argument("--face-index", type=int, default=None,
+                   help="which face of each --image to use (0 = largest, the default)")
+    p.add_argument("--strict", action="store_true", help="refuse a photo with several faces (and list them)")
+    p.add_argument("--refine-camera", action="store_true", help="learn yaw and pitch during the inversion")
+    p.add_argument("--pre-aligned", action="store_true",
+                   help="the --image files are already in EG3D framing (square crops): skip face alignment")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_unlearn)
 
@@ -126,6 +132,8 @@ def build_loss_networks(args, device, random_nets: bool):
 
 
 def _unlearn(args) -> int:
+    import torch
+
     from ..errors import InputError
     from ..unlearn.config import UnlearnConfig
     from ..unlearn.engine import Unlearner
@@ -134,6 +142,19 @@ def _unlearn(args) -> int:
     if args.iters < 1:
         raise InputError(f"--iters must be >= 1, got {args.iters}")
     device = _device(args.device)
+    photos, others = None, None
+    if args.image is not None:
+        from ..invert import prepare_photos
+
+        if args.invert_steps < 1:
+            raise InputError(f"--invert-steps must be >= 1, got {args.invert_steps}")
+        # Photos are read and aligned before any network is built: a bad photo fails in seconds.
+        photos = prepare_photos(args.image, align=not args.pre_aligned, index=args.face_index, strict=args.strict,
+                                device=device)
+    if args.others:
+        from ..invert import list_photos
+
+        others = {"folder": str(args.others), "photos": [p.name for p in list_photos(args.others)]}
     gen, random_gen = resolve_generator(args.generator, device=device)
     id_loss, lpips = build_loss_networks(args, device, args.random_nets)
     cfg_kwargs = dict(iterations=args.iters, lr=args.lr, target=args.target, path=args.path, renderer=args.renderer,
@@ -147,9 +168,18 @@ def _unlearn(args) -> int:
     elif args.latent is not None:
         kwargs["latents"] = load_latents(args.latent, gen)
     else:
-        kwargs.update(images=args.image, steps=args.invert_steps)
+        # Inverted here rather than through unlearn(images=...) so that the inversion gets its own
+        # progress bar; the result is the same (the inversion draws from its own seeded generator).
+        from ..invert import invert_images
+
+        inversion = invert_images(gen, photos, id_loss=id_loss, lpips=lpips, steps=args.invert_steps,
+                                  refine_camera=args.refine_camera, progress=not args.no_progress,
+                                  renderer=args.renderer, precision=args.precision)
+        kwargs["latents"] = torch.cat([r.w_plus for r in inversion])
     result = unl.unlearn(progress=not args.no_progress, **kwargs)
-    extra = {"others": str(args.others)} if args.others else None
+    if args.image is not None:
+        result.inversion = inversion
+    extra = {"others": others} if others else None
     out = result.save(args.out, generator_spec=args.generator, random_weights=random_gen or args.random_nets,
                       scorer=scorer, extra=extra)
     _print_summary(result, out, random_gen or args.random_nets)

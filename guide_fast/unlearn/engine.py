@@ -13,6 +13,7 @@ import contextlib
 import copy
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -178,7 +179,14 @@ class UnlearnSession:
         if self.steps_done >= self.config.iterations:
             raise InputError(f"all {self.config.iterations} iterations are done")
         if self.use_graph and self.graph is None and self.steps_done >= self.config.warmup_steps:
-            self._capture()
+            try:
+                self._capture()
+            except Exception as exc:  # e.g. an op that cannot be captured: go on eagerly, say so
+                self.graph = None
+                self.use_graph = False
+                self.timings["graph_error"] = f"{type(exc).__name__}: {exc}"[:500]
+                warnings.warn(f"CUDA graph capture failed ({self.timings['graph_error']}); continuing with eager steps")
+                torch.cuda.synchronize(self.device)
         if self.graph is not None:
             self.graph.replay()
         elif self.use_graph:
@@ -336,6 +344,8 @@ class Unlearner:
         with rng:
             if cfg.seed is not None:
                 torch.manual_seed(cfg.seed)
+            if images is not None:
+                invert_kwargs.setdefault("progress", progress)
             session = self.prepare(latents, seeds, images, **invert_kwargs)
             session.run(progress=progress, callback=callback)
             result = session.finish(render=render)
