@@ -53,7 +53,7 @@ fi
 
 step "summary"
 if [ -f benchmarks/run.py ]; then
-  $PY -m benchmarks.run --summarize "$OUT/results" 2>&1 | tail -60 || true
+  $PY -m benchmarks.run --summarize-only 2>&1 | tail -60 || true
 fi
 column -s, -t < "$OUT/results/results.csv" 2>/dev/null | cut -c1-220 | tail -60 || cat "$OUT/results/results.csv"
 echo "suite finished in $(( $(date +%s) - t0 ))s, status $status"

@@ -428,12 +428,56 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 1e-6, method: str
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
+def resolve_fid_method(method: str, n1: int | None = None, n2: int | None = None) -> str:
+    """"auto" -> "gram" when neither set has more samples than feature dimensions (exact and
+    fast there), else "sqrtm" (GUIDE's scipy computation) when scipy imports, else "eigh"."""
+    if method == "auto":
+        if n1 is not None and n2 is not None and max(n1, n2) <= FEATURE_DIM:
+            return "gram"
+        try:
+            import scipy.linalg  # noqa: F401
+        except ImportError:
+            return "eigh"
+        return "sqrtm"
+    if method not in ("sqrtm", "eigh", "gram"):
+        raise InputError(f"unknown FID method {method!r}; expected 'auto', 'sqrtm', 'eigh' or 'gram'")
+    return method
+
+
+def _check_features(name: str, features) -> np.ndarray:
+    feats = np.asarray(features, dtype=np.float64)
+    if feats.ndim != 2 or feats.shape[0] < 2:
+        raise InputError(f"{name} must be an [N >= 2, D] feature array, got shape {list(feats.shape)}")
+    if not np.isfinite(feats).all():
+        raise InputError(f"{name} contain non-finite values")
+    return feats
+
+
 def fid_from_features(features1, features2, *, method: str = "sqrtm") -> float:
-    """FID between two raw [N, 2048] feature sets (GUIDE's `ffhq_real_feat.npy` is such a set)."""
-    return frechet_distance(*feature_statistics(features1), *feature_statistics(features2), method=method)
+    """FID between two raw [N, D] feature sets (GUIDE's `ffhq_real_feat.npy` is such a set).
+
+    method "sqrtm" / "eigh": through the statistics, see trace_sqrt_product. method "gram":
+    with centred features X1 [n1, D], X2 [n2, D], S1 S2 has the same non-zero eigenvalues as
+    G G^T / ((n1-1)(n2-1)) with G = X1 X2^T, so tr sqrt(S1 S2) = ||G||_* / sqrt((n1-1)(n2-1))
+    (nuclear norm): exact, no D x D matrix function, and fast when n1, n2 <= D, where S1 S2 is
+    singular anyway. "auto": see resolve_fid_method.
+    """
+    f1, f2 = _check_features("features1", features1), _check_features("features2", features2)
+    if f1.shape[1] != f2.shape[1]:
+        raise InputError(f"feature sets differ in dimension: {f1.shape[1]} vs {f2.shape[1]}")
+    method = resolve_fid_method(method, f1.shape[0], f2.shape[0])
+    if method != "gram":
+        return frechet_distance(*feature_statistics(f1), *feature_statistics(f2), method=method)
+    n1, n2 = f1.shape[0], f2.shape[0]
+    mu1, mu2 = f1.mean(axis=0), f2.mean(axis=0)
+    x1, x2 = f1 - mu1, f2 - mu2
+    diff = mu1 - mu2
+    tr1, tr2 = np.einsum("ij,ij->", x1, x1) / (n1 - 1), np.einsum("ij,ij->", x2, x2) / (n2 - 1)
+    nuclear = np.linalg.svd(x1 @ x2.T, compute_uv=False).sum()
+    return float(diff.dot(diff) + tr1 + tr2 - 2 * nuclear / np.sqrt((n1 - 1) * (n2 - 1)))
 
 
 __all__ = [
     "FIDInception", "build_inception", "load_inception", "inception_features", "feature_statistics",
-    "frechet_distance", "trace_sqrt_product", "fid_from_features", "FEATURE_DIM",
+    "frechet_distance", "trace_sqrt_product", "fid_from_features", "resolve_fid_method", "FEATURE_DIM",
 ]

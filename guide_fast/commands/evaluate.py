@@ -1,0 +1,240 @@
+"""`guide-fast evaluate`: GUIDE's metrics (guide.md §4) for an unlearning run or a pair of generators."""
+from __future__ import annotations
+
+from pathlib import Path
+
+LATENT_KEYS = ("w_source", "w_u", "w", "ws", "latents", "latent", "w_plus")
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="ID, ID_others, preservation, FID_pre, ΔFID_real and diversity of an unlearned generator",
+        description="Compare an unlearned generator with its source (guide.md §4). Either --run DIR (the output "
+                    "of `guide-fast unlearn`) or --source/--unlearned/--latent. Writes eval.json and PNG plots.",
+    )
+    p.add_argument("--run", metavar="DIR", help="run directory written by `guide-fast unlearn --out DIR`")
+    p.add_argument("--source", metavar="G", help="source generator: checkpoint path, or a preset name "
+                   "('tiny', 'ffhq512-128') built with random weights")
+    p.add_argument("--unlearned", metavar="U", help="unlearned generator checkpoint (.safetensors or EG3D .pkl)")
+    p.add_argument("--latent", metavar="W", help="latents of the unlearned identities [K, num_ws, w_dim] "
+                   "(.safetensors, .pt or .npy)")
+    p.add_argument("--others", metavar="W", help="latents of other photos of the same person -> ID_others")
+    p.add_argument("--id-weights", metavar="PATH", help="CurricularFace IR-101 weights (CurricularFace_Backbone.pth), "
+                   "or an exported .onnx")
+    p.add_argument("--id-backend", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"],
+                   help="identity scorer backend (auto: the fastest available)")
+    p.add_argument("--inception-weights", metavar="PATH", help="pytorch-fid pt_inception-2015-12-05-6726825d.pth")
+    p.add_argument("--real-features", metavar="F.npy", help="[N, 2048] Inception features of real images -> ΔFID_real")
+    p.add_argument("--samples", type=int, default=5000, help="paired samples for FID_pre (GUIDE: 5000; 0 skips)")
+    p.add_argument("--preserve", type=int, default=256, help="random identities scored for preservation (0 skips)")
+    p.add_argument("--align", choices=["mtcnn", "crop"], default=None,
+                   help="face alignment before IR-101: mtcnn (GUIDE; the default) or the ID-loss crop (the default "
+                        "with --random-nets: random renders hold no face MTCNN could find)")
+    p.add_argument("--diversity-run", metavar="DIR", action="append", default=[],
+                   help="another run directory whose replacement face joins the diversity measure (repeatable)")
+    p.add_argument("--random-nets", action="store_true",
+                   help="use randomly initialised IR-101 and Inception networks: a pipeline check, the numbers "
+                        "mean nothing (for the tiny demo, which has no real weights)")
+    p.add_argument("--batch-size", type=int, default=None, help="renders per batch (default 32 on CUDA, 8 on CPU)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the paired samples (GUIDE: 0)")
+    p.add_argument("--renderer", choices=["auto", "reference", "triton"], default="auto",
+                   help="tri-plane renderer (auto: triton on CUDA, reference on CPU)")
+    p.add_argument("--fid-method", choices=["auto", "sqrtm", "eigh", "gram"], default="auto",
+                   help="tr sqrt(S1 S2): scipy sqrtm as GUIDE, eigh (faster), gram (exact, for <= 2048 samples); auto picks")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="renders in fp32 as GUIDE (default) or under bf16 autocast on CUDA (faster, not GUIDE's numerics)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: the run directory, or ./eval_out)")
+    p.add_argument("--quiet", action="store_true", help="print only the summary")
+    p.set_defaults(func=_evaluate)
+
+
+# ------------------------------------------------------------------------------------ loaders
+def load_latents(path, what: str = "latent file"):
+    """A latent tensor from .safetensors / .pt / .pth / .npy: the tensor itself, or the entry
+    named w_source (or w_u, w, ws, latents, ...), or the only tensor in the file."""
+    import numpy as np
+    import torch
+
+    from ..errors import CheckpointError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path))
+        elif suffix == ".npy":
+            obj = torch.from_numpy(np.load(path, allow_pickle=False))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {what} {path}: {type(exc).__name__}: {exc}") from exc
+    if isinstance(obj, dict):
+        tensors = {k: v for k, v in obj.items() if torch.is_tensor(v)}
+        key = next((k for k in LATENT_KEYS if k in tensors), None)
+        if key is None and len(tensors) == 1:
+            key = next(iter(tensors))
+        if key is None:
+            raise CheckpointError(f"{what} {path}: no latent tensor found (looked for {', '.join(LATENT_KEYS)}; "
+                                  f"file has {sorted(obj)})")
+        obj = tensors[key]
+    if not torch.is_tensor(obj):
+        raise CheckpointError(f"{what} {path} holds a {type(obj).__name__}, not a tensor")
+    return obj.float()
+
+
+def _device(name):
+    import torch
+
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _renderer(choice: str, device) -> str:
+    if choice != "auto":
+        return choice
+    return "triton" if device.type == "cuda" else "reference"
+
+
+def _load_generator(spec, renderer, device, what):
+    from ..errors import CheckpointError
+    from .generator import resolve_generator
+
+    if spec is None:
+        raise CheckpointError(f"no {what} generator given")
+    gen, _ = resolve_generator(str(spec), renderer=renderer, device=device)
+    return gen
+
+
+def _load_run(run_dir: Path, renderer, device, notes: list):
+    """(source, unlearned, w_source, report) from a `guide-fast unlearn --out DIR` folder.
+
+    The source named in report.json is checked against the delta's fingerprint of its source;
+    when it cannot be found (or differs), the source is rebuilt as unlearned - delta, which is
+    what the run started from up to fp32 rounding."""
+    import json
+
+    from ..checkpoints import apply_delta, load_delta, load_generator, state_fingerprint
+    from ..errors import CheckpointError
+    from .generator import resolve_generator
+
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory not found: {run_dir}")
+    report_path = run_dir / "report.json"
+    if not report_path.is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory: report.json is missing")
+    try:
+        report = json.loads(report_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{report_path}: not valid JSON ({exc})") from None
+    unlearned = load_generator(run_dir / "generator.safetensors", renderer=renderer, device=device)
+    w_source = load_latents(run_dir / "latents.safetensors", "run latents")
+    delta = meta = None
+    if (run_dir / "delta.safetensors").is_file():
+        delta, meta = load_delta(run_dir / "delta.safetensors")
+
+    source, why = None, None
+    spec = report.get("generator")
+    if isinstance(spec, dict):  # tolerate {"path": ...} / {"preset": ..., "seed": ...} forms
+        spec, seed = spec.get("path") or spec.get("preset"), spec.get("seed", 0)
+    else:
+        seed = report.get("generator_seed", 0)
+    if spec:
+        try:
+            source, _ = resolve_generator(str(spec), renderer=renderer, device=device, seed=int(seed or 0))
+        except Exception as exc:  # missing file, moved checkpoint, ...
+            why = f"the source generator {spec!r} named in report.json could not be loaded ({exc})"
+    else:
+        why = "report.json names no source generator"
+    if source is not None and meta and meta.get("source_fingerprint"):
+        if state_fingerprint(source) != meta["source_fingerprint"]:
+            why = f"the generator {spec!r} named in report.json is not the source this run's delta was made from"
+            source = None
+    if source is None:
+        if delta is None:
+            raise CheckpointError(f"{why}; and {run_dir} has no delta.safetensors to rebuild it from: pass --source")
+        source = apply_delta(unlearned.copy(), delta, meta, sign=-1.0, check_source=False)
+        notes.append(f"{why}; the source was rebuilt as unlearned - delta (equal up to fp32 rounding)")
+    return source, unlearned, w_source, report
+
+
+def _evaluate(args) -> int:
+    import json
+
+    from ..errors import InputError
+    from ..evaluate import evaluate, make_scorer
+
+    device = _device(args.device)
+    renderer = _renderer(args.renderer, device)
+    notes: list[str] = []
+    if args.run:
+        if args.unlearned or args.latent:
+            raise InputError("give either --run DIR or --unlearned/--latent, not both")
+        run_dir = Path(args.run)
+        source, unlearned, w_source, report = _load_run(run_dir, renderer, device, notes)
+        if args.source:  # an explicit source overrides report.json
+            source = _load_generator(args.source, renderer, device, "source")
+        out = Path(args.out) if args.out else run_dir
+    else:
+        missing = [flag for flag, v in (("--source", args.source), ("--unlearned", args.unlearned),
+                                        ("--latent", args.latent)) if not v]
+        if missing:
+            raise InputError(f"missing {', '.join(missing)} (or give --run DIR)")
+        source = _load_generator(args.source, renderer, device, "source")
+        unlearned = _load_generator(args.unlearned, renderer, device, "unlearned")
+        w_source = load_latents(args.latent, "latent file")
+        report = None
+        out = Path(args.out or "eval_out")
+    others = load_latents(args.others, "--others latent file") if args.others else None
+
+    batch_size = args.batch_size or (32 if device.type == "cuda" else 8)
+    backend = None if args.id_backend == "auto" else args.id_backend
+    scorer = inception = None
+    if args.random_nets:
+        if args.id_weights or args.inception_weights:
+            raise InputError("--random-nets replaces --id-weights/--inception-weights; give one or the other")
+        from ..fid import build_inception
+        from ..identity.backbones import build_backbone
+
+        scorer = make_scorer(build_backbone("ir101", seed=0), device, batch_size=max(batch_size, 32), backend=backend)
+        inception = build_inception(seed=0)
+        notes.append("RANDOM-WEIGHT identity and Inception networks (--random-nets): a pipeline check; the "
+                     "numbers mean nothing")
+    else:
+        if not args.id_weights and not args.inception_weights:
+            raise InputError("give --id-weights (IR-101) and/or --inception-weights (pt_inception-2015-12-05), "
+                             "or --random-nets for a pipeline check without real weights")
+        if args.id_weights:
+            from ..errors import CheckpointError
+
+            if not Path(args.id_weights).is_file():
+                raise CheckpointError(f"identity weights not found: {args.id_weights}")
+            scorer = make_scorer(args.id_weights, device, batch_size=max(batch_size, 32), backend=backend)
+        if args.inception_weights:
+            from ..fid import load_inception
+
+            inception = load_inception(args.inception_weights, device=device)
+    align = args.align or ("crop" if args.random_nets else "mtcnn")
+    diversity = []
+    for d in args.diversity_run:
+        _, gen_u, w_u, _ = _load_run(Path(d), renderer, device, notes)
+        diversity.append((gen_u, w_u))
+
+    result = evaluate(
+        source, unlearned, w_source=w_source, scorer=scorer, inception=inception, others=others,
+        num_fid_samples=args.samples, real_features=args.real_features, preserve_samples=args.preserve,
+        diversity_generators=diversity, align=align, batch_size=batch_size, seed=args.seed, device=device,
+        out_dir=out, run_report=report, fid_method=args.fid_method, precision=args.precision, verbose=not args.quiet,
+        notes=notes,
+    )
+    print(json.dumps(result["metrics"], indent=2))
+    for note in result["notes"]:
+        print(f"note: {note}")
+    print(f"wrote {', '.join(str(out / f) for f in result['files'])}")
+    return 0

@@ -1,0 +1,349 @@
+"""GUIDE's evaluation (guide.md §4) on the tiny preset: metric functions on synthetic inputs,
+the whole evaluation end to end with random-weight networks, and the CLI."""
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from guide_fast import cameras
+from guide_fast.cli import main as cli_main
+from guide_fast.eg3d.generator import build_generator
+from guide_fast.errors import InputError
+from guide_fast.evaluate import (
+    NUM_ID_VIEWS,
+    EvalCamera,
+    evaluate,
+    paired_cosine,
+    pairwise_identity_similarity,
+    quantize_like_png,
+    view_scores,
+)
+from guide_fast.fid import build_inception, fid_from_features
+
+
+# ------------------------------------------------------------------------ helpers
+def _perturbed(gen, scale=0.3, seed=1):
+    """A stand-in for an unlearned generator: only backbone.synthesis weights change (as GUIDE
+    trains only those), by `scale` times each tensor's mean magnitude."""
+    out = gen.copy()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            if name.startswith("backbone.synthesis."):
+                p.add_(scale * p.abs().mean() * torch.randn(p.shape, generator=g))
+    return out
+
+
+def _latents(gen, n, seed):
+    device = next(gen.parameters()).device
+    z = torch.randn(n, gen.config.z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    with torch.no_grad():
+        return gen.mapping(z, cameras.frontal_label(n).to(device))
+
+
+class ProjectionScorer:
+    """A cheap deterministic embedding (a fixed random projection of the pixels, L2-normalised)
+    for checks of the pairing logic where the IR-101's cost buys nothing."""
+
+    backend = "projection"
+
+    def __init__(self, dim=64, size=16):
+        self.size = size
+        self.proj = torch.randn(3 * size * size, dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def embed(self, images, aligned=None):
+        x = torch.nn.functional.adaptive_avg_pool2d(images.detach().cpu().double(), self.size).flatten(1)
+        e = (x - x.mean(1, keepdim=True)) @ self.proj
+        return e / e.norm(dim=1, keepdim=True)
+
+
+@pytest.fixture(scope="module")
+def source():
+    return build_generator("tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def unlearned(source):
+    return _perturbed(source)
+
+
+@pytest.fixture(scope="module")
+def inception():
+    return build_inception(seed=0)
+
+
+# ------------------------------------------------------------------------ metric functions
+def test_paired_cosine_and_view_scores_on_synthetic_embeddings():
+    rng = np.random.default_rng(0)
+    k = 2
+    before = torch.tensor(rng.standard_normal((k * NUM_ID_VIEWS, 8)))
+    # after = cos(t) * before_unit + sin(t) * orthogonal unit: cosine exactly cos(t).
+    unit = before / before.norm(dim=1, keepdim=True)
+    other = torch.tensor(rng.standard_normal(before.shape))
+    other = other - (other * unit).sum(1, keepdim=True) * unit
+    other = other / other.norm(dim=1, keepdim=True)
+    angles = torch.linspace(0.1, 1.4, k * NUM_ID_VIEWS, dtype=torch.float64)
+    after = 3.0 * (torch.cos(angles)[:, None] * unit + torch.sin(angles)[:, None] * other)
+    torch.testing.assert_close(paired_cosine(before, after), torch.cos(angles))
+
+    after[3] = float("nan")  # a face not found: left out, counted
+    scores = view_scores(before, after)
+    expected = torch.cos(angles).reshape(k, NUM_ID_VIEWS).numpy().copy()
+    expected[0, 3] = np.nan
+    assert scores["pairs"] == k * NUM_ID_VIEWS and scores["pairs_scored"] == k * NUM_ID_VIEWS - 1
+    assert scores["mean"] == pytest.approx(np.nanmean(expected))
+    assert scores["per_view"][3] == pytest.approx(expected[1, 3])
+    assert scores["per_view"][5] == pytest.approx(expected[:, 5].mean())
+    assert scores["per_identity"][0][3] is None
+    assert scores["per_identity_mean"][1] == pytest.approx(expected[1].mean())
+    with pytest.raises(InputError, match="views of 11"):
+        view_scores(before[:5], after[:5])
+
+
+def test_pairwise_identity_similarity_shows_collapse():
+    rng = np.random.default_rng(1)
+    distinct = torch.tensor(np.linalg.qr(rng.standard_normal((16, 16)))[0][:4]).reshape(4, 1, 16).repeat(1, 3, 1)
+    result = pairwise_identity_similarity(distinct)  # orthonormal identities: cosine 0
+    assert result["identities"] == 4
+    assert result["mean_pairwise_cosine"] == pytest.approx(0.0, abs=1e-12)
+    assert result["matrix"][1][1] == 1.0
+    collapsed = distinct[:1].repeat(4, 1, 1) * torch.tensor([1.0, 2.0, 3.0, 4.0]).reshape(4, 1, 1)
+    assert pairwise_identity_similarity(collapsed)["mean_pairwise_cosine"] == pytest.approx(1.0)
+    mixed = distinct.clone()
+    mixed[1] = distinct[0]
+    r = pairwise_identity_similarity(mixed)
+    assert r["matrix"][0][1] == pytest.approx(1.0) and r["max_pairwise_cosine"] == pytest.approx(1.0)
+    assert r["mean_pairwise_cosine"] == pytest.approx(1 / 6)
+    with pytest.raises(InputError, match="at least 2"):
+        pairwise_identity_similarity(distinct[:1])
+
+
+def test_png_quantisation_matches_a_real_png_round_trip(tmp_path):
+    images = torch.rand(2, 3, 8, 8) * 2.4 - 1.2  # includes out-of-range values, clamped as on save
+    from guide_fast.io import save_image, to_uint8
+
+    levels = quantize_like_png(images)
+    np.testing.assert_array_equal(levels.permute(0, 2, 3, 1).numpy().astype(np.uint8), to_uint8(images))
+    save_image(tmp_path / "a.png", images[0])
+    reloaded = torch.from_numpy(np.array(Image.open(tmp_path / "a.png"))).permute(2, 0, 1).float()
+    torch.testing.assert_close(levels[0], reloaded)
+
+
+def test_eval_camera_views_are_guides():
+    cam = EvalCamera()
+    torch.testing.assert_close(cam.view_yaws(), torch.linspace(-math.pi / 12, math.pi / 12, 11))
+    labels = cam.labels(cam.view_yaws(), "cpu")
+    torch.testing.assert_close(labels, cameras.pose_label(torch.linspace(-math.pi / 12, math.pi / 12, 11), -0.2,
+                                                          lookat=cameras.GUIDE_LOOKAT))
+    custom = EvalCamera.from_config({"pitch": -0.1, "lookat": [0, 0, 0.2], "yaw_range": 0.3, "iterations": 5})
+    assert custom.pitch == -0.1 and custom.lookat == (0.0, 0.0, 0.2) and custom.yaw_range == 0.3
+
+
+# ------------------------------------------------------------------------ end to end
+def test_identical_generators_score_perfectly_and_a_changed_one_does_not(source, unlearned, inception):
+    """Same z, same camera and the same noise draws on both sides (guide.md §4.4 pairing): a
+    generator compared with itself has ID exactly 1 and FID_pre 0; a changed one does not."""
+    scorer = ProjectionScorer()
+    w = _latents(source, 1, seed=5)
+    kw = dict(w_source=w, scorer=scorer, inception=inception, num_fid_samples=4, preserve_samples=4, align="crop",
+              batch_size=4, seed=3)
+    same = evaluate(source, source.copy(), **kw)
+    assert same["metrics"]["id"] == pytest.approx(1.0, abs=1e-7)
+    assert same["metrics"]["preservation"] == pytest.approx(1.0, abs=1e-7)
+    assert abs(same["metrics"]["fid_pre"]) < 1e-9
+    changed = evaluate(source, unlearned, **kw)
+    assert changed["metrics"]["id"] < 0.999
+    assert changed["metrics"]["preservation"] < 0.999
+    assert changed["metrics"]["fid_pre"] > 1e3 * max(abs(same["metrics"]["fid_pre"]), 1e-12)
+    assert len(changed["id"]["per_view"]) == NUM_ID_VIEWS
+
+
+def test_evaluate_end_to_end_all_metrics_and_outputs(tmp_path, source, unlearned, inception):
+    w = _latents(source, 2, seed=7)
+    others = w[:1] + 0.05 * torch.randn(1, *w.shape[1:], generator=torch.Generator().manual_seed(2))
+    real = np.random.default_rng(0).standard_normal((12, 2048)) * 0.05
+    report = {"generator": "tiny", "config": {"pitch": -0.2, "yaw_range": math.pi / 12},
+              "losses": [{"total": 3.0 / (i + 1), "local": 1.0 / (i + 1), "adjacency": 1.5 / (i + 1),
+                          "global": 0.5 / (i + 1)} for i in range(20)]}
+    out = tmp_path / "eval"
+    result = evaluate(source, unlearned, w_source=w, scorer=ProjectionScorer(), inception=inception, others=others,
+                      num_fid_samples=6, real_features=real, preserve_samples=4, align="crop", batch_size=11,
+                      seed=0, out_dir=out, run_report=report)
+    m = result["metrics"]
+    for key in ("id", "id_others", "id_avg", "preservation", "fid_pre", "delta_fid_real",
+                "diversity_cosine_after", "diversity_cosine_before"):
+        assert m[key] is not None and np.isfinite(m[key]), key
+    assert -1 <= m["id"] <= 1 and -1 <= m["id_others"] <= 1
+    assert len(result["id"]["per_identity"]) == 2 and len(result["id"]["per_identity"][0]) == NUM_ID_VIEWS
+    assert result["id"]["pairs_scored"] == 2 * NUM_ID_VIEWS
+    # ID_avg is the mean over every pair, target and others (guide.md §4.2)
+    n_t, n_o = 2 * NUM_ID_VIEWS, NUM_ID_VIEWS
+    assert m["id_avg"] == pytest.approx((m["id"] * n_t + m["id_others"] * n_o) / (n_t + n_o))
+    assert result["diversity"]["identities"] == 2
+    assert m["fid_pre"] > 0
+    fid = result["fid"]
+    assert fid["samples"] == 6 and fid["method"] == "gram" and fid["inception_weights"]["standard"] is False
+    assert m["delta_fid_real"] == pytest.approx(fid["real"]["fid_real_unlearned"] - fid["real"]["fid_real_source"])
+    assert any("rank-deficient" in n for n in result["notes"])
+
+    written = json.loads((out / "eval.json").read_text())
+    assert written["metrics"] == pytest.approx(m)
+    assert written["settings"]["view_yaws"] == pytest.approx(np.linspace(-math.pi / 12, math.pi / 12, 11).tolist())
+    for name in ("id_per_view.png", "loss_curves.png", "diversity.png", "views.png"):
+        assert name in result["files"]
+        with Image.open(out / name) as im:
+            assert im.format == "PNG" and im.size[0] > 100
+    with Image.open(out / "views.png") as im:  # label column + 11 views of 64 px; rows: source, unlearned
+        assert im.size == (72 + 11 * 64, 2 * 64)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_evaluate_rejects_bad_inputs(source, unlearned):
+    w = _latents(source, 1, seed=0)
+    with pytest.raises(InputError, match="align"):
+        evaluate(source, unlearned, w_source=w, align="dlib")
+    with pytest.raises(InputError, match=r"w_source has shape \[1, 3, 5\]"):
+        evaluate(source, unlearned, w_source=torch.zeros(1, 3, 5))
+    with pytest.raises(InputError, match="non-finite"):
+        evaluate(source, unlearned, w_source=torch.full_like(w, float("nan")))
+    with pytest.raises(InputError, match="at least 2"):
+        evaluate(source, unlearned, w_source=w, num_fid_samples=1)
+    with pytest.raises(InputError, match="real-image features"):
+        evaluate(source, unlearned, w_source=w, real_features=np.zeros((10, 7)))
+    with pytest.raises(InputError, match="FID method"):
+        evaluate(source, unlearned, w_source=w, fid_method="fast")
+    with pytest.raises(InputError, match="precision"):
+        evaluate(source, unlearned, w_source=w, precision="fp8")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="bf16.*CUDA"):
+            evaluate(source, unlearned, w_source=w, precision="bf16")
+    other = build_generator("tiny", seed=0, config=dataclasses.replace(source.config, sr_channels=(8,)))
+    with pytest.raises(InputError, match="architectures"):
+        evaluate(source, other, w_source=w)
+
+
+# ------------------------------------------------------------------------ CLI
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, source, unlearned):
+    """A run directory as `guide-fast unlearn --out DIR` writes it (guide-fast unlearn itself is
+    the engine's; this test only needs its file layout)."""
+    from safetensors.torch import save_file
+
+    from guide_fast.checkpoints import save_delta, save_generator
+
+    d = tmp_path_factory.mktemp("run")
+    save_generator(source, d / "source.safetensors")
+    save_generator(unlearned, d / "generator.safetensors")
+    save_delta(source, unlearned, d / "delta.safetensors")
+    save_file({"w_source": _latents(source, 1, seed=11), "w_target": _latents(source, 1, seed=12)},
+              str(d / "latents.safetensors"))
+    report = {"generator": str(d / "source.safetensors"), "config": {"pitch": -0.2},
+              "losses": [{"total": 2.0 - 0.1 * i, "local": 1.0 - 0.05 * i} for i in range(10)]}
+    (d / "report.json").write_text(json.dumps(report))
+    return d
+
+
+def test_cli_evaluates_a_run_directory_with_random_ir101_and_inception(run_dir, capsys):
+    """The demo's case: no real weights, so random IR-101 (crop alignment: random renders hold
+    no detectable face) and a random Inception; eval.json and the plots land in the run dir."""
+    rc = cli_main(["evaluate", "--run", str(run_dir), "--random-nets", "--id-backend", "torch", "--align", "crop",
+                   "--samples", "3", "--preserve", "2", "--batch-size", "11", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    result = json.loads((run_dir / "eval.json").read_text())
+    m = result["metrics"]
+    assert -1 <= m["id"] <= 1 and m["preservation"] is not None and np.isfinite(m["fid_pre"])
+    assert result["id"]["pairs_scored"] == NUM_ID_VIEWS  # the crop path always yields a face
+    assert result["settings"]["identity_backend"] == "torch"
+    assert any("RANDOM-WEIGHT" in n for n in result["notes"])
+    for name in ("id_per_view.png", "loss_curves.png", "views.png"):
+        assert (run_dir / name).is_file()
+    assert "eval.json" in out
+
+
+def test_cli_loads_inception_weights_from_a_file(run_dir, tmp_path, inception, capsys):
+    weights = tmp_path / "pt_inception-random.pth"
+    torch.save(inception.state_dict(), weights)
+    out = tmp_path / "o"
+    rc = cli_main(["evaluate", "--run", str(run_dir), "--inception-weights", str(weights), "--samples", "3",
+                   "--device", "cpu", "--quiet", "--out", str(out)])
+    assert rc == 0, capsys.readouterr()
+    result = json.loads((out / "eval.json").read_text())
+    assert result["fid"]["inception_weights"]["path"] == str(weights)
+    assert result["metrics"]["fid_pre"] > 0 and result["metrics"]["id"] is None
+    assert any("identity metrics skipped" in n for n in result["notes"])
+
+
+def test_run_source_is_rebuilt_from_the_delta_when_missing(run_dir, tmp_path):
+    import shutil
+
+    from guide_fast.checkpoints import load_generator
+    from guide_fast.commands.evaluate import _load_run
+
+    moved = tmp_path / "run"
+    shutil.copytree(run_dir, moved)
+    report = json.loads((moved / "report.json").read_text())
+    report["generator"] = str(moved / "source.safetensors")
+    (moved / "report.json").write_text(json.dumps(report))
+    (moved / "source.safetensors").unlink()  # report.json now names a file that is gone
+    notes = []
+    rebuilt, unlearned, w, report = _load_run(moved, "reference", torch.device("cpu"), notes)
+    assert any("rebuilt as unlearned - delta" in n for n in notes)
+    original = load_generator(run_dir / "source.safetensors")
+    for (name, a), b in zip(original.state_dict().items(), rebuilt.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    assert w.shape == (1, source_num_ws(original), original.config.w_dim)
+
+    # A preset source (the demo's case) resolves when it is the delta's source...
+    report["generator"] = "tiny"
+    (moved / "report.json").write_text(json.dumps(report))
+    notes = []
+    resolved = _load_run(moved, "reference", torch.device("cpu"), notes)[0]
+    assert notes == [] and torch.equal(resolved.backbone.synthesis.b4.conv1.weight, original.backbone.synthesis.b4.conv1.weight)
+    # ... and one that is not the delta's source is refused in favour of the rebuilt one.
+    report["generator_seed"] = 5
+    (moved / "report.json").write_text(json.dumps(report))
+    notes = []
+    _load_run(moved, "reference", torch.device("cpu"), notes)
+    assert any("not the source this run's delta was made from" in n for n in notes)
+
+
+def source_num_ws(gen):
+    return gen.num_ws
+
+
+def test_cli_broken_weight_paths_give_clear_errors(run_dir, tmp_path, capsys):
+    missing = tmp_path / "missing_pt_inception.pth"
+    rc = cli_main(["evaluate", "--run", str(run_dir), "--inception-weights", str(missing), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not found" in err and "missing_pt_inception.pth" in err
+
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"\x80\x02garbage")
+    rc = cli_main(["evaluate", "--run", str(run_dir), "--inception-weights", str(broken), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "broken.pth" in err
+
+    rc = cli_main(["evaluate", "--run", str(run_dir), "--id-weights", str(tmp_path / "no_ir101.pth"),
+                   "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no_ir101.pth" in err
+
+    rc = cli_main(["evaluate", "--run", str(tmp_path / "no_such_run"), "--random-nets"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no_such_run" in err
+
+    rc = cli_main(["evaluate", "--source", "tiny", "--random-nets"])
+    assert rc == 2 and "--unlearned" in capsys.readouterr().err
+
+
+def test_fid_from_features_used_by_evaluate_is_the_standard_formula():
+    pytest.importorskip("scipy")
+    # evaluate's FID path ("gram" for few samples) equals the sqrtm formula on the same features.
+    rng = np.random.default_rng(4)
+    a, b = rng.standard_normal((20, 40)), rng.standard_normal((25, 40)) * 1.3
+    assert fid_from_features(a, b, method="gram") == pytest.approx(fid_from_features(a, b, method="sqrtm"), rel=1e-6)
