@@ -18,7 +18,7 @@ from guide_fast.fid import (
     trace_sqrt_product,
 )
 
-KEYLISTS = Path("/work/shared/reference/keylists")
+from reference_data import KEYLISTS  # noqa: E402
 
 
 def _keylist(name):

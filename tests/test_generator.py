@@ -1,6 +1,4 @@
 """The reference EG3D generator: names, shapes, counts, semantics, errors (issue: Foundation)."""
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -9,8 +7,11 @@ from guide_fast.eg3d import ops
 from guide_fast.eg3d.generator import PRESETS, build_generator, count_parameters
 from guide_fast.errors import InputError
 from guide_fast.render import make_render_draws
+from reference_data import DATA
 
-REFERENCE_LISTING = Path(__file__).resolve().parents[2] / "shared" / "reference" / "eg3d_ffhq512-128_state_dict.txt"
+# The official G_ema parameter names and shapes (facts, no code); tests/test_reference_data.py
+# checks this copy against shared/reference/ when that folder is present.
+REFERENCE_LISTING = DATA / "eg3d_ffhq512-128_state_dict.txt"
 
 
 def _reference_listing():

@@ -11,9 +11,7 @@ from guide_fast.errors import CheckpointError, InputError
 from guide_fast.identity import IdentityLoss, build_backbone, expected_keys, idloss_crop, load_backbone
 from guide_fast.identity.backbones import compare_keys
 
-KEYLISTS = Path("/work/shared/reference/keylists")
-if not KEYLISTS.is_dir():  # the reference folder sits beside the repository on other machines
-    KEYLISTS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "keylists"
+from reference_data import KEYLISTS  # noqa: E402
 
 
 # sha256 of "key<TAB>shape" lines of the reference key lists (keylists/README.txt format), so the
