@@ -196,12 +196,16 @@ def _scorer(args, device):
 
 def _print_summary(result, out, random_weights: bool):
     t = result.timings
-    lf = result.losses[0]["total"] if result.losses else float("nan")
-    ll = result.losses[-1]["total"] if result.losses else float("nan")
+    k = max(1, min(5, len(result.losses) // 2))
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows) if rows else float("nan")  # noqa: E731
     print(f"unlearned {result.w_source.shape[0]} identit{'y' if result.w_source.shape[0] == 1 else 'ies'} in "
           f"{t.get('loop_s', 0):.1f} s ({t.get('iterations', 0)} steps, {t.get('steady_step_ms', 0):.1f} ms/step, "
           f"{t.get('path')} path, renderer {t.get('renderer')}, {t.get('precision')}, device {t.get('device')})")
-    print(f"loss: {lf:.4f} -> {ll:.4f}; wrote {out}/ ({', '.join(sorted(p.name for p in Path(out).iterdir()))})")
+    first, last = result.losses[:k], result.losses[-k:]
+    print(f"loss (mean of the first / last {k} steps; each step draws new adjacency and global samples): "
+          f"total {mean(first, 'total'):.4f} -> {mean(last, 'total'):.4f}, "
+          f"local (unlearning) {mean(first, 'local'):.4f} -> {mean(last, 'local'):.4f}")
+    print(f"wrote {out}/ ({', '.join(sorted(p.name for p in Path(out).iterdir()))})")
     if random_weights:
         print("NOTE: RANDOM WEIGHTS were used: this run shows the pipeline working, it does not unlearn a real person.")
 
