@@ -51,7 +51,6 @@ def time_steps(nets, cfg_kwargs, seeds, steps: int, device) -> dict:
         session.step()
         session.synchronize()
         times.append((time.perf_counter() - t) * 1e3)
-    session.steps_done = min(session.steps_done, cfg.iterations)
     session.read_losses()  # raises on a non-finite loss
     times.sort()
     k = len(times)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, InputError, describe_state_mismatch
 from .io import atomic_path
 
 GENERATOR_FORMAT = "guide-fast/generator"
@@ -246,19 +246,9 @@ def _build_and_fill(config, state, source: str, renderer: str):
 
     gen = TriPlaneGenerator(config, renderer=renderer)
     expected = gen.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k}: file {list(state[k].shape)} vs model {list(expected[k].shape)}"
-             for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (first: {missing[:5]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (first: {unexpected[:5]})")
-        if wrong:
-            parts.append(f"{len(wrong)} with wrong shapes (first: {wrong[:3]})")
-        raise CheckpointError(f"{source}: tensors do not match the EG3D generator: " + "; ".join(parts))
+    problems = describe_state_mismatch(state, expected)
+    if problems:
+        raise CheckpointError(f"{source}: tensors do not match the EG3D generator: {problems}")
     gen.load_state_dict({k: state[k].to(expected[k].dtype) for k in expected}, strict=True)
     return gen.eval().requires_grad_(False)
 

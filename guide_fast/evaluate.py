@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from . import cameras
-from .errors import GuideFastError, InputError, check_finite
+from .errors import GuideFastError, InputError
 
 NUM_ID_VIEWS = 11
 EVAL_FORMAT = "guide-fast/eval"
@@ -261,17 +261,7 @@ def _as_latents(name: str, w, gen, device) -> torch.Tensor:
         return None
     if not torch.is_tensor(w):
         w = torch.as_tensor(np.asarray(w))
-    w = w.detach()
-    if w.ndim == 2:
-        w = w.unsqueeze(0)
-    want = (gen.num_ws, gen.config.w_dim)
-    if w.ndim != 3 or tuple(w.shape[1:]) != want:
-        raise InputError(f"{name} has shape {list(w.shape)}, expected [N, {want[0]}, {want[1]}] W+ latents")
-    if w.shape[0] == 0:
-        raise InputError(f"{name} holds no latents")
-    w = w.to(device, torch.float32)
-    check_finite(name, w)
-    return w
+    return gen.as_latents(w, name, device)
 
 
 def _as_real_features(real_features) -> np.ndarray | None:

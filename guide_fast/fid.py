@@ -12,7 +12,6 @@ class is used, which keeps the numerics independent of torchvision's version.
 """
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CheckpointError, InputError
+from .checkpoints import sha256_file
+from .errors import CheckpointError, InputError, describe_state_mismatch
 
 FEATURE_DIM = 2048
 #: torch.hub's file-naming convention puts the first hex digits of the file's sha256 in its
@@ -284,14 +284,6 @@ def _describe(keys, limit: int = 4) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_inception(path, device=None) -> FIDInception:
     """Load `pt_inception-2015-12-05-6726825d.pth` (or a state dict with the same keys) into
     the FID Inception. Raises CheckpointError naming the file when it is missing, unreadable, or
@@ -318,28 +310,18 @@ def load_inception(path, device=None) -> FIDInception:
     model = FIDInception()
     expected = model.state_dict()
     optional = {k for k in expected if k.endswith("num_batches_tracked") or k.startswith("fc.")}
-    missing = set(expected) - set(state) - optional
-    unexpected = set(state) - set(expected)
-    wrong_shape = [f"{k} {list(state[k].shape)} (expected {list(expected[k].shape)})"
-                   for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong_shape:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing key(s): {_describe(missing)}")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected key(s): {_describe(unexpected)}")
-        if wrong_shape:
-            problems.append(f"{len(wrong_shape)} shape mismatch(es): {_describe(wrong_shape, 2)}")
+    problems = describe_state_mismatch(state, expected, optional)
+    if problems:
         raise CheckpointError(
             f"{path} is not the FID Inception weights ({STANDARD_WEIGHTS_NAME}, torchvision Inception3 "
-            f"key names): " + "; ".join(problems))
+            f"key names): " + problems)
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise CheckpointError(f"{path}: non-finite values in {_describe(bad)}")
     full = dict(expected)  # optional entries absent from the file keep their defaults
     full.update({k: v.to(expected[k].dtype) for k, v in state.items()})
     model.load_state_dict(full, strict=True)
-    model.weights_sha256 = _file_sha256(path)
+    model.weights_sha256 = sha256_file(path)
     model.weights_path = str(path)
     model.eval().requires_grad_(False)
     return model.to(device) if device is not None else model

@@ -1,5 +1,4 @@
 """The FID Inception network and the Fréchet distance (face_models.md §4, guide.md §4.4)."""
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,7 +1,6 @@
 """IR-SE50 / IR-101: official key names, shapes and order; loading random files saved under
 those names; refusing wrong files; the ID loss (face_models.md §1-2, §1.4)."""
 import hashlib
-from pathlib import Path
 
 import pytest
 import torch

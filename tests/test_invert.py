@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
+from small_nets import SmallFaceNet  # noqa: E402
 from guide_fast import cameras
 from guide_fast.errors import InputError
 from guide_fast.identity import IdentityLoss, MultipleFacesError, NoFaceError
@@ -280,19 +280,6 @@ def test_others_folder_is_listed(tmp_path):
 
 
 # ----------------------------------------------------------------- inversion (tiny generator)
-
-class SmallFaceNet(nn.Module):
-    """A small stand-in for IR-SE50 (112x112 -> 512), as in tests/test_unlearn.py."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 5, stride=4), nn.PReLU(8), nn.Conv2d(8, 16, 3, stride=2), nn.PReLU(16),
-                                  nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(256, 512))
-
-    def forward(self, x):
-        return self.body(x)
-
 
 @pytest.fixture(scope="module")
 def nets():

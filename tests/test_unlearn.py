@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from small_nets import SmallFaceNet  # noqa: E402
 from guide_fast.eg3d.generator import build_generator
 from guide_fast.errors import InputError
 from guide_fast.identity import IdentityLoss
@@ -17,20 +18,6 @@ from guide_fast.unlearn.config import UnlearnConfig
 from guide_fast.unlearn.engine import Unlearner, UnlearnError, latents_from_seeds
 from guide_fast.unlearn.steps import FastStep, ReferenceStep, sample_draws, step_cameras
 from guide_fast.unlearn.targets import adjacency_offsets, target_latent
-
-
-class SmallFaceNet(nn.Module):
-    """A small stand-in for IR-SE50 (112x112 -> 512): the engine only needs the IdentityLoss
-    interface, and the real backbone costs seconds per step on two CPU cores."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 5, stride=4), nn.PReLU(8), nn.Conv2d(8, 16, 3, stride=2), nn.PReLU(16),
-                                  nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(256, 512))
-
-    def forward(self, x):
-        return self.body(x)
 
 
 @pytest.fixture(scope="module")

@@ -224,7 +224,6 @@ def _demo(args) -> int:
     print("  RANDOM WEIGHTS: generator, ArcFace IR-SE50 and LPIPS-VGG are randomly initialised; the run exercises the")
     print("  whole pipeline (UFO target, local + adjacency + global losses, Adam on backbone.synthesis) but forgets")
     print("  nobody real. For a real run: guide-fast unlearn --generator ffhqrebalanced512-128.pkl ...")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     gen = build_generator("tiny", seed=0, device=device)
     id_loss = IdentityLoss(build_backbone("ir_se50", seed=0)).to(device)
     lpips = LPIPS.random(0).to(device)

@@ -163,6 +163,26 @@ class TriPlaneGenerator(nn.Module):
             c = torch.zeros_like(c)
         return self.backbone.mapping(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
 
+    def as_latents(self, w, name: str = "latents", device=None) -> torch.Tensor:
+        """Validate W+ latents ([N, num_ws, w_dim], or one [num_ws, w_dim]) -> fp32 on `device`."""
+        if not torch.is_tensor(w):
+            try:
+                w = torch.as_tensor(w)
+            except (TypeError, ValueError, RuntimeError):
+                raise InputError(f"{name} must be a tensor [N, {self.num_ws}, {self.config.w_dim}], "
+                                 f"got {type(w).__name__}") from None
+        w = w.detach()
+        if w.ndim == 2:
+            w = w.unsqueeze(0)
+        want = (self.num_ws, self.config.w_dim)
+        if w.ndim != 3 or tuple(w.shape[1:]) != want:
+            raise InputError(f"{name} has shape {list(w.shape)}, expected [N, {want[0]}, {want[1]}] (W+ latents)")
+        if w.shape[0] == 0:
+            raise InputError(f"{name} is empty: need at least one identity (N = 0)")
+        w = w.to(device if device is not None else w.device, torch.float32)
+        check_finite(name, w)
+        return w
+
     def check_ws(self, ws: torch.Tensor) -> None:
         want = (self.num_ws, self.config.w_dim)
         if not torch.is_tensor(ws) or ws.ndim != 3 or tuple(ws.shape[1:]) != want:

@@ -8,13 +8,13 @@ optimisation profile fixes the largest batch.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from pathlib import Path
 
 import torch
 
+from ..checkpoints import sha256_file
 from ..errors import CheckpointError, GuideFastError
 from ..io import atomic_path
 from .backbones import EMBEDDING_DIM, INPUT_SIZE
@@ -51,14 +51,6 @@ def require_tensorrt():
     return trt
 
 
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def default_cache_dir() -> Path:
     root = os.environ.get("GUIDE_FAST_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "guide-fast")
     return Path(root) / "tensorrt"
@@ -77,7 +69,7 @@ def build_engine(onnx_path, *, max_batch: int = 64, opt_batch: int | None = None
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise CheckpointError(f"ONNX model {onnx_path}: no such file")
-    key = engine_cache_key(file_sha256(onnx_path), trt.__version__, torch.cuda.get_device_name(), max_batch)
+    key = engine_cache_key(sha256_file(onnx_path), trt.__version__, torch.cuda.get_device_name(), max_batch)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cached = cache / f"{key}.plan"
     if not cached.is_file():

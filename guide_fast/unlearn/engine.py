@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import cameras
-from ..errors import GuideFastError, InputError, check_finite
+from ..errors import GuideFastError, InputError
 from .config import UnlearnConfig
 from .steps import LOSS_NAMES, FastStep, ReferenceStep, sample_draws
 from .targets import target_latent
@@ -314,17 +314,7 @@ class Unlearner:
             inversion = invert_images(gen, images, id_loss=self.id_loss, lpips=self.lpips, **invert_kwargs)
             w = torch.cat([r.w_plus for r in inversion])
         else:
-            w = latents
-            if not torch.is_tensor(w):
-                raise InputError(f"latents must be a tensor [N, {gen.num_ws}, {gen.config.w_dim}], got {type(w).__name__}")
-            if w.ndim == 2:
-                w = w.unsqueeze(0)
-            want = (gen.num_ws, gen.config.w_dim)
-            if w.ndim != 3 or tuple(w.shape[1:]) != want:
-                raise InputError(f"latents have shape {list(latents.shape)}, expected [N, {want[0]}, {want[1]}] (W+)")
-            if w.shape[0] == 0:
-                raise InputError("latents is empty: need at least one identity (N = 0)")
-            check_finite("latents", w)
+            w = gen.as_latents(latents, "latents")
         return w.detach().to(next(gen.parameters()).device, torch.float32), inversion
 
     def prepare(self, latents=None, seeds=None, images=None, **invert_kwargs) -> UnlearnSession:

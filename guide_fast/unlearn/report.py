@@ -130,10 +130,8 @@ def save_result(result, out_dir, generator_spec=None, random_weights: bool = Fal
                    "w_target": result.w_target.detach().cpu().contiguous()}, str(stage / "latents.safetensors"))
         if result.renders is not None:
             save_image(stage / "grid.png", grid_image(result))
-        for extra_file, data in (("inversion", result.inversion),):
-            if data:
-                for i, r in enumerate(data):
-                    r.save_images(stage, prefix=f"identity{i}_")
+        for i, inverted in enumerate(result.inversion or []):
+            inverted.save_images(stage, prefix=f"identity{i}_")  # aligned crop + reconstruction
         write_json(stage / "report.json", report)
         names = [p.name for p in stage.iterdir() if p.name != "report.json"] + ["report.json"]
         for name in names:
