@@ -211,8 +211,6 @@ def _print_summary(result, out, random_weights: bool):
 
 
 def _demo(args) -> int:
-    import torch
-
     from ..eg3d.generator import build_generator
     from ..identity import IdentityLoss, IdentityScorer, build_backbone
     from ..perceptual import LPIPS
