@@ -359,6 +359,47 @@ def convert(src, dst) -> Path:
     return save_generator(gen, dst, source_sha256=gen.source_sha256)
 
 
+# --------------------------------------------------------------------------- latent files
+LATENT_KEYS = ("w_source", "w_u", "w", "ws", "latents", "latent", "w_plus")
+
+
+def load_latents(path, what: str = "latent file", key: str | None = None) -> torch.Tensor:
+    """A latent tensor from .safetensors / .pt / .pth / .npy (read without executing anything):
+    the tensor itself, the entry `key`, else the entry named w_source (or w_u, w, ws, latents,
+    ...), else the only tensor in the file. Returned as float32, shape as stored."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path))
+        elif path.suffix.lower() == ".npy":
+            obj = torch.from_numpy(np.load(path, allow_pickle=False))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {what} {path}: {type(exc).__name__}: {exc}") from None
+    if isinstance(obj, dict):
+        tensors = {k: v for k, v in obj.items() if torch.is_tensor(v)}
+        if key is not None:
+            if key not in tensors:
+                raise CheckpointError(f"{what} {path} has no tensor {key!r} (file has {sorted(obj)})")
+            found = key
+        else:
+            found = next((k for k in LATENT_KEYS if k in tensors), None)
+            if found is None and len(tensors) == 1:
+                found = next(iter(tensors))
+        if found is None:
+            raise CheckpointError(f"{what} {path}: no latent tensor found (looked for {', '.join(LATENT_KEYS)}; "
+                                  f"file has {sorted(obj)})")
+        obj = tensors[found]
+    if not torch.is_tensor(obj):
+        raise CheckpointError(f"{what} {path} holds a {type(obj).__name__}, not a tensor")
+    return obj.float()
+
+
 # --------------------------------------------------------------------------- deltas
 def compute_delta(source, unlearned) -> "OrderedDict[str, torch.Tensor]":
     """unlearned - source for the `backbone.synthesis.*` parameters (the only ones GUIDE trains)."""

@@ -450,3 +450,31 @@ def test_fast_path_inverts_as_well_as_the_reference_on_cuda(nets, known):
     for start, end, _ in quality.values():
         assert end["mse"] < 0.25 * start["mse"]
     assert quality["fast"][1]["mse"] < 2 * quality["reference"][1]["mse"] + 0.01
+
+
+def test_other_photos_are_inverted_and_feed_id_others(known, tmp_path):
+    """unlearn --others DIR inverts the other photos (saved as w_others); evaluate --run then
+    reports ID_others from them (guide.md §4.3)."""
+    import json
+    import shutil
+
+    from guide_fast.checkpoints import load_latents
+    from guide_fast.cli import main
+
+    _, photo = known  # (w_true, path of the rendered PNG)
+    others = tmp_path / "others"
+    others.mkdir()
+    for name in ("a.png", "b.png"):
+        shutil.copy(photo, others / name)
+    out = tmp_path / "run"
+    assert main(["unlearn", "--generator", "tiny", "--random-nets", "--image", str(photo), "--pre-aligned",
+                 "--others", str(others), "--iters", "2", "--invert-steps", "2", "--out", str(out),
+                 "--no-progress"]) == 0
+    w_others = load_latents(out / "latents.safetensors", key="w_others")
+    assert w_others.shape[0] == 2
+    report = json.loads((out / "report.json").read_text())
+    assert report["others"]["photos"] == ["a.png", "b.png"] and len(report["others"]["inverted"]) == 2
+    assert main(["evaluate", "--run", str(out), "--random-nets", "--samples", "0", "--preserve", "0",
+                 "--align", "crop", "--quiet"]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["id_others"] is not None

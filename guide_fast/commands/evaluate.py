@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-LATENT_KEYS = ("w_source", "w_u", "w", "ws", "latents", "latent", "w_plus")
 
 
 def add_commands(sub) -> None:
@@ -51,41 +50,19 @@ def add_commands(sub) -> None:
 
 
 # ------------------------------------------------------------------------------------ loaders
-def load_latents(path, what: str = "latent file"):
-    """A latent tensor from .safetensors / .pt / .pth / .npy: the tensor itself, or the entry
-    named w_source (or w_u, w, ws, latents, ...), or the only tensor in the file."""
-    import numpy as np
-    import torch
+def load_latents(path, what: str = "latent file", key=None):
+    from ..checkpoints import load_latents as read
 
-    from ..errors import CheckpointError
+    return read(path, what, key)
 
-    path = Path(path)
+
+def _has_tensor(path: Path, key: str) -> bool:
     if not path.is_file():
-        raise CheckpointError(f"{what} not found: {path}")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
+        return False
+    from safetensors import safe_open
 
-            obj = load_file(str(path))
-        elif suffix == ".npy":
-            obj = torch.from_numpy(np.load(path, allow_pickle=False))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read {what} {path}: {type(exc).__name__}: {exc}") from exc
-    if isinstance(obj, dict):
-        tensors = {k: v for k, v in obj.items() if torch.is_tensor(v)}
-        key = next((k for k in LATENT_KEYS if k in tensors), None)
-        if key is None and len(tensors) == 1:
-            key = next(iter(tensors))
-        if key is None:
-            raise CheckpointError(f"{what} {path}: no latent tensor found (looked for {', '.join(LATENT_KEYS)}; "
-                                  f"file has {sorted(obj)})")
-        obj = tensors[key]
-    if not torch.is_tensor(obj):
-        raise CheckpointError(f"{what} {path} holds a {type(obj).__name__}, not a tensor")
-    return obj.float()
+    with safe_open(str(path), framework="pt") as f:
+        return key in f.keys()
 
 
 def _device(name):
@@ -192,6 +169,10 @@ def _evaluate(args) -> int:
         report = None
         out = Path(args.out or "eval_out")
     others = load_latents(args.others, "--others latent file") if args.others else None
+    if others is None and args.run and _has_tensor(Path(args.run) / "latents.safetensors", "w_others"):
+        # `guide-fast unlearn --others DIR` inverted the other photos of the person (guide.md §4.3)
+        others = load_latents(Path(args.run) / "latents.safetensors", "run latents", key="w_others")
+        notes.append(f"ID_others from the {others.shape[0]} other photo(s) inverted by the unlearning run")
 
     batch_size = args.batch_size or (32 if device.type == "cuda" else 8)
     backend = None if args.id_backend == "auto" else args.id_backend

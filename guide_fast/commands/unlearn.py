@@ -18,7 +18,8 @@ def add_commands(sub) -> None:
     src.add_argument("--seed", type=int, nargs="+", help="identity seed(s): z ~ N(0, I) mapped with a frontal camera")
     src.add_argument("--latent", help="W+ latents file (.pt, .safetensors or .npy): [N, num_ws, w_dim], [num_ws, w_dim] or [w_dim]")
     src.add_argument("--image", nargs="+", help="photo(s) of the person(s) to forget (aligned and inverted first)")
-    p.add_argument("--others", help="folder of other photos of the same person (kept for evaluation's ID_others)")
+    p.add_argument("--others", help="folder of other photos of the same person: aligned and inverted too, and "
+                                    "saved as w_others for `guide-fast evaluate --run` (ID_others, guide.md §4.3)")
     p.add_argument("--id-weights", help="ArcFace IR-SE50 weights (model_ir_se50.pth) for the identity loss")
     p.add_argument("--lpips-weights", help="torchvision VGG16 weights (vgg16-397923af.pth) for LPIPS")
     p.add_argument("--lpips-heads", help="LPIPS v0.1 linear heads (vgg.pth); default: the copy in the lpips package")
@@ -78,36 +79,9 @@ def _device(spec):
 
 def load_latents(path, gen):
     """A latents file -> [N, num_ws, w_dim] (W latents [N, w_dim] are broadcast to all layers)."""
-    import numpy as np
-    import torch
+    from ..checkpoints import load_latents as read
 
-    from ..errors import InputError
-
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"latent file not found: {path}")
-    try:
-        if path.suffix == ".npy":
-            w = torch.from_numpy(np.load(path, allow_pickle=False))
-        elif path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            d = load_file(str(path))
-            key = "w_source" if "w_source" in d else (next(iter(d)) if len(d) == 1 else None)
-            if key is None:
-                raise InputError(f"{path}: holds {sorted(d)}; expected one tensor or 'w_source'")
-            w = d[key]
-        else:
-            w = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(w, dict):
-                w = w.get("w_source", w.get("w", w.get("ws")))
-    except InputError:
-        raise
-    except Exception as exc:
-        raise InputError(f"{path}: could not read latents: {exc}") from None
-    if not torch.is_tensor(w):
-        raise InputError(f"{path}: no tensor found (expected a W+ latent tensor)")
-    w = w.float()
+    w = read(path, "--latent file")
     if w.ndim == 1:
         w = w[None, None].expand(1, gen.num_ws, -1)
     elif w.ndim == 2 and w.shape[0] != gen.num_ws:
@@ -151,10 +125,13 @@ def _unlearn(args) -> int:
         # Photos are read and aligned before any network is built: a bad photo fails in seconds.
         photos = prepare_photos(args.image, align=not args.pre_aligned, index=args.face_index, strict=args.strict,
                                 device=device)
+    other_photos = None
     if args.others:
-        from ..invert import list_photos
+        from ..invert import list_photos, prepare_photos
 
-        others = {"folder": str(args.others), "photos": [p.name for p in list_photos(args.others)]}
+        files = list_photos(args.others)
+        other_photos = prepare_photos(files, align=not args.pre_aligned, device=device)
+        others = {"folder": str(args.others), "photos": [p.name for p in files]}
     gen, random_gen = resolve_generator(args.generator, device=device)
     id_loss, lpips = build_loss_networks(args, device, args.random_nets)
     cfg_kwargs = dict(iterations=args.iters, lr=args.lr, target=args.target, path=args.path, renderer=args.renderer,
@@ -179,6 +156,14 @@ def _unlearn(args) -> int:
     result = unl.unlearn(progress=not args.no_progress, **kwargs)
     if args.image is not None:
         result.inversion = inversion
+    if other_photos is not None:
+        from ..invert import invert_images
+
+        inverted = invert_images(gen, other_photos, id_loss=id_loss, lpips=lpips, steps=max(args.invert_steps, 1),
+                                 refine_camera=args.refine_camera, progress=not args.no_progress,
+                                 renderer=args.renderer, precision=args.precision)
+        result.w_others = torch.cat([r.w_plus for r in inverted])
+        others["inverted"] = [r.summary() for r in inverted]
     extra = {"others": others} if others else None
     out = result.save(args.out, generator_spec=args.generator, random_weights=random_gen or args.random_nets,
                       scorer=scorer, extra=extra)

@@ -91,6 +91,7 @@ class UnlearnResult:
     renders: dict | None = None                           # {"before", "after", "target"}: [N, V, 3, H, W]
     identity_similarity: dict | None = None
     inversion: list | None = None                         # per identity, when started from photos
+    w_others: torch.Tensor | None = None                  # other photos of the person, inverted (ID_others)
 
     def delta(self):
         from ..checkpoints import compute_delta

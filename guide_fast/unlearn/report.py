@@ -126,8 +126,10 @@ def save_result(result, out_dir, generator_spec=None, random_weights: bool = Fal
                        source_sha256=getattr(result.source, "source_sha256", None))
         save_delta(result.source, result.generator, stage / "delta.safetensors",
                    extra={"identities": str(result.w_source.shape[0]), "config": result.config.to_dict()})
-        save_file({"w_source": result.w_source.detach().cpu().contiguous(),
-                   "w_target": result.w_target.detach().cpu().contiguous()}, str(stage / "latents.safetensors"))
+        latents = {"w_source": result.w_source, "w_target": result.w_target}
+        if result.w_others is not None:
+            latents["w_others"] = result.w_others
+        save_file({k: v.detach().cpu().contiguous() for k, v in latents.items()}, str(stage / "latents.safetensors"))
         if result.renders is not None:
             save_image(stage / "grid.png", grid_image(result))
         for i, inverted in enumerate(result.inversion or []):
