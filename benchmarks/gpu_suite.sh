@@ -2,8 +2,12 @@
 # The GPU suite: GPU parity tests, then every benchmark, in at most about 8 minutes on one H100/H200.
 # Writes everything under $OUT (the device tool's output folder) or the folder given as $1.
 #   GUIDE_FAST_COMMIT=$(git rev-parse --short=12 HEAD) bash benchmarks/gpu_suite.sh /tmp/gpu_out
-# Missing packages travel as wheels in .whl/ (facenet-pytorch, lpips, nvtx); they are installed
-# with --no-deps into /tmp/site. The project is installed editable, offline, without deps.
+# The GPU machine lacks facenet-pytorch, lpips and nvtx: they travel as wheels in .whl/ (git-ignored;
+# carry it), made here with:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl facenet-pytorch==2.6.0 lpips==0.1.4 nvtx
+# and installed with --no-deps into /tmp/site. The project is installed editable, offline, without deps.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${1:-${OUT:-/tmp/guide_fast_gpu}}"
