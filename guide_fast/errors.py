@@ -23,19 +23,6 @@ def check_finite(name: str, tensor) -> None:
         raise InputError(f"{name} contains {bad} non-finite value(s) (NaN or inf)")
 
 
-def check_shape(name: str, tensor, expected: tuple) -> None:
-    """expected: a tuple of ints or None (any size)."""
-    import torch
-
-    if not torch.is_tensor(tensor):
-        raise InputError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    shape = tuple(tensor.shape)
-    ok = len(shape) == len(expected) and all(e is None or e == s for e, s in zip(expected, shape))
-    if not ok:
-        want = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
-        raise InputError(f"{name} has shape {list(shape)}, expected {want}")
-
-
 def describe_state_mismatch(state, expected, optional=(), limit: int = 4) -> str:
     """'' if the tensors of `state` match `expected` (name -> tensor) in names and shapes, else a
     one-line account: missing, unexpected and wrong-shape keys, the first few of each."""

@@ -234,7 +234,10 @@ class TriPlaneGenerator(nn.Module):
                     raise InputError(f"planes has shape {got}, expected {list(want)}")
         n = ws.shape[0]
         if planes is None:
-            planes = self.planes(ws, noise_mode=noise_mode, generator=generator, validate=validate)
+            if validate and noise_mode not in NOISE_MODES:
+                raise InputError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+            # ws was validated above: do not check (and sync on) it a second time
+            planes = self.planes(ws, noise_mode=noise_mode, generator=generator, validate=False)
         c = c.to(ws.device, torch.float32).expand(n, -1)
         cam2world = c[:, :16].reshape(-1, 4, 4)
         intr = c[:, 16:25].reshape(-1, 3, 3)
