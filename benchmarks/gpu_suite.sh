@@ -11,7 +11,8 @@
 # GPU_SUITE_PARTS picks and orders the parts (default: all of them, in the order below):
 #   engine-tests unlearn render-tests render identity-tests identity eval ncu
 # e.g. GPU_SUITE_PARTS="engine-tests unlearn render" for the engine's checks first. Unlearn's
-# budget: UNLEARN_BUDGET_S (default 115 s; the 1000-step run needs about step_ms s + 30 s of it).
+# budget: UNLEARN_BUDGET_S (default 115 s; the 1000-step run needs about step_ms s + 30 s of it);
+# UNLEARN_ARGS adds flags (e.g. "--ablations operators").
 # The device tool returns at most 8 files from $OUT: the suite leaves exactly three there,
 # suite.log (everything printed), results.csv (the benchmark rows) and logs.tgz (per-part logs).
 set -uo pipefail
@@ -59,7 +60,7 @@ run_bench() {  # name, timeout, args...
 for part in $PARTS; do
   case $part in
     engine-tests) run_tests engine 150 tests/test_gpu_engine.py ;;
-    unlearn) run_bench bench_unlearn $(( ${UNLEARN_BUDGET_S:-115} + 30 )) --budget-s "${UNLEARN_BUDGET_S:-115}" ;;
+    unlearn) run_bench bench_unlearn $(( ${UNLEARN_BUDGET_S:-115} + 30 )) --budget-s "${UNLEARN_BUDGET_S:-115}" ${UNLEARN_ARGS:-} ;;
     render-tests) run_tests render 120 tests/test_kernel_render.py ;;
     render) run_bench bench_render 60 --quick ;;
     identity-tests) run_tests identity 90 tests/test_identity_scorer.py tests/test_perceptual.py ;;

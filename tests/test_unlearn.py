@@ -319,3 +319,52 @@ def test_identities_split_into_passes_give_the_same_update(gen, nets):
     torch.testing.assert_close(p0, p1, rtol=1e-4, atol=1e-5)
     for (name, a), (_, b) in zip(steps[0][1].named_parameters(), steps[1][1].named_parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+
+
+def test_fast_path_operator_choices_give_the_same_step(gen, nets):
+    """The fast path's folded up-convs and channels_last activations change no maths: one step
+    with them equals the plain fast step on the same draws (fp32, CPU)."""
+    cfg = _cfg()
+    w_u = latents_from_seeds(gen, [7])
+    plain, g_plain, _, _ = _session_parts(gen, nets, cfg, w_u, FastStep)
+    id_loss, lpips = nets
+    g_s = gen.copy().set_upsample_conv("folded").train().requires_grad_(False).to(memory_format=torch.channels_last)
+    g_u = gen.copy().set_upsample_conv("folded").train().requires_grad_(False).to(memory_format=torch.channels_last)
+    for _, p in g_u.trainable_synthesis_parameters():
+        p.requires_grad_(True)
+    assert g_u.backbone.synthesis.b8.conv0.weight.is_contiguous(memory_format=torch.channels_last)
+    w_t = target_latent(w_u, g_s.w_avg, cfg.target, cfg.target_distance)
+    fast = FastStep(g_u, g_s, id_loss, lpips, cfg, w_u, w_t)
+    d = _draws(plain, cfg, seed=5)
+    e0, e1 = plain.losses(d), fast.losses(d)
+    torch.testing.assert_close(e1, e0, rtol=1e-5, atol=1e-6)
+    e0.sum().backward()
+    e1.sum().backward()
+    # gradients, not post-Adam weights: Adam's lr*g/(|g|+eps) turns the summation-order rounding
+    # of near-zero gradient entries into O(lr) weight differences
+    compared = 0
+    for (name, a), (_, b) in zip(g_plain.named_parameters(), g_u.named_parameters()):
+        if a.grad is None:
+            assert b.grad is None, name
+            continue
+        scale = a.grad.abs().max().clamp_min(1e-12)
+        assert ((b.grad - a.grad).abs().max() / scale) < 5e-3, name
+        compared += 1
+    assert compared > 10
+
+
+def test_session_with_channels_last_hands_back_a_plain_generator(gen, nets, tmp_path):
+    id_loss, lpips = nets
+    cfg = _cfg(iterations=2, memory_format="channels_last", upsample_conv="folded")
+    res = Unlearner(gen, id_loss, lpips, cfg).unlearn(seeds=[3], render=False)
+    assert res.timings["upsample_conv"] == "folded" and res.timings["memory_format"] == "channels_last"
+    assert res.generator.upsample_conv == "reference"  # back to the source generator's choice
+    assert all(p.is_contiguous() for p in res.generator.parameters())
+    res.save(tmp_path / "run")
+    assert (tmp_path / "run" / "delta.safetensors").is_file()
+    with pytest.raises(InputError, match="memory_format"):
+        _cfg(memory_format="nhwc")
+    with pytest.raises(InputError, match="upsample_conv"):
+        _cfg(upsample_conv="fast")
+    with pytest.raises(InputError, match="fast-path options"):
+        Unlearner(gen, id_loss, lpips, _cfg(path="reference", upsample_conv="folded")).prepare(seeds=[3])

@@ -17,6 +17,8 @@ from ..profiling import nvtx_range
 from .networks import NOISE_MODES, Backbone, SuperResolution
 from .renderer import OSGDecoder, RenderOptions, sample_rays
 
+UPSAMPLE_CONVS = ("reference", "folded")
+
 # eg3d.md §1.2: the FFHQ rendering_kwargs as stored in the checkpoint.
 FFHQ_RENDERING_KWARGS = {
     "image_resolution": 512,
@@ -141,6 +143,21 @@ class TriPlaneGenerator(nn.Module):
             raise InputError(f"sr_precision must be 'auto', 'fp16' or 'fp32', got {precision!r}")
         self.sr_precision = precision
         return self
+
+    def set_upsample_conv(self, mode: str) -> "TriPlaneGenerator":
+        """How the 2x up-convolutions run: "reference" (transposed conv, then the 4x4 FIR, as
+        the official code) or "folded" (one transposed conv with the FIR folded into its
+        kernel: the same maths, faster on a GPU; eg3d/ops.py conv2d_resample)."""
+        if mode not in UPSAMPLE_CONVS:
+            raise InputError(f"unknown upsample_conv {mode!r}; expected one of {UPSAMPLE_CONVS}")
+        for m in self.modules():
+            if hasattr(m, "fold_resample"):
+                m.fold_resample = mode == "folded"
+        return self
+
+    @property
+    def upsample_conv(self) -> str:
+        return "folded" if any(getattr(m, "fold_resample", False) for m in self.modules()) else "reference"
 
     @property
     def num_ws(self) -> int:

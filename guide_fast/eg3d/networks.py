@@ -98,6 +98,9 @@ class SynthesisLayer(nn.Module):
         self.affine = FullyConnectedLayer(w_dim, in_channels, bias_init=1)
         self.weight = nn.Parameter(torch.randn([out_channels, in_channels, 3, 3]))
         self.register_buffer("resample_filter", ops.setup_filter())
+        # up=2 only: fold the FIR into the transposed conv (ops.conv2d_resample); set through
+        # TriPlaneGenerator.set_upsample_conv, a plain attribute so the state_dict is unchanged.
+        self.fold_resample = False
         if use_noise:
             self.register_buffer("noise_const", torch.randn([resolution, resolution]))
             self.noise_strength = nn.Parameter(torch.zeros([]))
@@ -114,7 +117,7 @@ class SynthesisLayer(nn.Module):
             noise = self.noise_const * self.noise_strength
         x = ops.modulated_conv2d(
             x, self.weight, styles, noise=noise, up=self.up, padding=self.padding,
-            resample_filter=self.resample_filter, fused_modconv=fused_modconv,
+            resample_filter=self.resample_filter, fused_modconv=fused_modconv, fold_filter=self.fold_resample,
         )
         clamp = self.conv_clamp * 1.0 if self.conv_clamp is not None else None
         return ops.bias_act(x, self.bias.to(x.dtype), act="lrelu", clamp=clamp)

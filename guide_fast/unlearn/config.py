@@ -57,6 +57,8 @@ class UnlearnConfig:
     renderer: str = "auto"             # "auto": triton on CUDA, reference on CPU
     precision: str = "auto"            # "auto": bf16 autocast on CUDA (fast path), fp32 elsewhere
     cuda_graph: bool = True            # capture the fast step in a CUDA graph (CUDA only)
+    upsample_conv: str = "auto"        # "auto": "folded" on the fast path, "reference" on the reference path
+    memory_format: str = "contiguous"  # fast path: generator activations "contiguous" (NCHW) or "channels_last"
     warmup_steps: int = 2              # eager steps before capture (they are real steps)
     identities_per_pass: int = 4       # fast path: identities per forward/backward (0 = all); bounds memory
     log_every: int = 25                # how often (steps) device-side losses are read back
@@ -77,6 +79,10 @@ class UnlearnConfig:
             raise InputError(f"unknown renderer {self.renderer!r}; expected 'auto', 'reference' or 'triton'")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise InputError(f"unknown precision {self.precision!r}; expected 'auto', 'fp32' or 'bf16'")
+        if self.upsample_conv not in ("auto", "reference", "folded"):
+            raise InputError(f"unknown upsample_conv {self.upsample_conv!r}; expected 'auto', 'reference' or 'folded'")
+        if self.memory_format not in ("contiguous", "channels_last"):
+            raise InputError(f"unknown memory_format {self.memory_format!r}; expected 'contiguous' or 'channels_last'")
         if self.noise_mode not in ("random", "const", "none"):
             raise InputError(f"noise_mode must be 'random', 'const' or 'none', got {self.noise_mode!r}")
         if self.iterations < 0:

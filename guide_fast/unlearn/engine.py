@@ -122,14 +122,26 @@ class UnlearnSession:
             raise InputError("precision 'bf16' needs a CUDA device; use 'fp32' (or 'auto') on the CPU")
         if cfg.path == "reference" and precision != "fp32":
             raise InputError("the reference loop is fp32 by definition; use path='fast' for bf16")
-        self.renderer, self.precision = renderer, precision
+        if cfg.path == "reference" and (cfg.upsample_conv == "folded" or cfg.memory_format != "contiguous"):
+            raise InputError("the reference loop runs the official operators; upsample_conv='folded' and "
+                             "memory_format='channels_last' are fast-path options")
+        upsample_conv = cfg.upsample_conv if cfg.upsample_conv != "auto" else ("folded" if fast else "reference")
+        self.renderer, self.precision, self.upsample_conv = renderer, precision, upsample_conv
+        self.memory_format = cfg.memory_format
         self.use_graph = bool(fast and on_cuda and cfg.cuda_graph)
 
         # guide.md §3.1: G_s frozen; G_u a copy whose backbone.synthesis alone trains. Both in
         # train mode as the official code (EG3D has no dropout/batch-norm: it only selects the
         # shared-weight modulated conv, which batches well).
-        self.g_s = copy.deepcopy(source).set_renderer(renderer).train().requires_grad_(False)
-        self.g_u = copy.deepcopy(source).set_renderer(renderer).train().requires_grad_(False)
+        self.g_s = copy.deepcopy(source).set_renderer(renderer).set_upsample_conv(upsample_conv).train()
+        self.g_u = copy.deepcopy(source).set_renderer(renderer).set_upsample_conv(upsample_conv).train()
+        self.g_s.requires_grad_(False)
+        self.g_u.requires_grad_(False)
+        if cfg.memory_format == "channels_last":
+            # 4-D conv weights in NHWC strides make cuDNN keep activations NHWC end to end,
+            # instead of transposing around every convolution (profiling/step_breakdown.py).
+            self.g_s.to(memory_format=torch.channels_last)
+            self.g_u.to(memory_format=torch.channels_last)
         for _, p in self.g_u.trainable_synthesis_parameters():
             p.requires_grad_(True)
         id_loss = unlearner.id_loss.to(self.device).eval().requires_grad_(False)
@@ -263,11 +275,15 @@ class UnlearnSession:
     def finish(self, render: bool = True) -> UnlearnResult:
         g_u = self.g_u.eval().requires_grad_(False)
         g_u.set_renderer(self.unlearner.generator.renderer_backend)
+        g_u.set_upsample_conv(self.unlearner.generator.upsample_conv)
+        if self.memory_format != "contiguous":
+            g_u.to(memory_format=torch.contiguous_format)  # the delta and checkpoint store plain layouts
         result = UnlearnResult(
             generator=g_u, source=self.unlearner.generator, w_source=self.w_source.detach(),
             w_target=self.w_target.detach(), config=self.config, losses=list(self.losses),
             identity_losses=list(self.identity_losses),
             timings=dict(self.timings, renderer=self.renderer, precision=self.precision, cuda_graph=self.use_graph,
+                         upsample_conv=self.upsample_conv, memory_format=self.memory_format,
                          path=self.config.path, device=str(self.device)),
         )
         if render:
