@@ -1,13 +1,15 @@
 """Seconds per GUIDE step and peak memory: reference loop vs fast loop, N identities.
 
 GPU (default preset ffhq512-128): reference (eager fp32, batch 1, term by term) vs fast (batched,
-cached planes, bf16, fused renderer, CUDA graph) and fast without the graph; N = 1, 4, 16
-identities; and, when the time budget allows, a full 1000-step run of one identity.
+cached planes, bf16, fused renderer, folded up-convs, CUDA graph); single-identity variants
+(--ablations: channels_last, unfolded up-convs, no graph, reference renderer); then, with the
+fastest single-identity settings, a full 1000-step run of one identity when the time budget
+allows, and N = 4, 16 identities. Each row is written to the results file as soon as it exists.
 CPU (tiny preset): the same comparison; the ratio there is what batching and caching alone
 give (no bf16, no fused kernel, no graph).
 
 The loss networks have random weights: speed does not depend on the weight values.
-    python -m benchmarks.bench_unlearn [--quick] [--budget-s 240]
+    python -m benchmarks.bench_unlearn [--quick] [--budget-s 240] [--ablations all|operators|none]
 """
 from __future__ import annotations
 

@@ -295,6 +295,15 @@ def test_cli_unlearn_writes_checkpoint_delta_report_and_grid(tmp_path, gen):
                  "--iters", "1"]) == 2  # no loss networks given -> clear error, exit 2
     assert main(["unlearn", "--generator", str(tmp_path / "missing.pkl"), "--random-nets", "--seed", "1",
                  "--out", str(tmp_path / "y"), "--iters", "1"]) == 2
+    # the fast path's operator switches reach the engine and the report; the reference loop refuses them
+    assert main(["unlearn", "--generator", str(gpath), "--random-nets", "--seed", "1", "--out", str(tmp_path / "f"),
+                 "--iters", "1", "--no-progress", "--channels-last", "--upsample-conv", "folded"]) == 0
+    fast_report = json.loads((tmp_path / "f" / "report.json").read_text())
+    assert fast_report["config"]["memory_format"] == "channels_last"
+    assert fast_report["timings"]["upsample_conv"] == "folded"
+    assert main(["unlearn", "--generator", str(gpath), "--random-nets", "--seed", "1", "--out", str(tmp_path / "r"),
+                 "--iters", "1", "--no-progress", "--reference", "--upsample-conv", "folded"]) == 2
+    assert not (tmp_path / "r").exists()
 
 
 def test_identities_split_into_passes_give_the_same_update(gen, nets):

@@ -43,6 +43,9 @@ def add_commands(sub) -> None:
     p.add_argument("--renderer", choices=["auto", "reference", "triton"], default="auto")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     p.add_argument("--no-graph", action="store_true", help="do not capture the step in a CUDA graph")
+    p.add_argument("--upsample-conv", choices=["auto", "reference", "folded"], default="auto",
+                   help="2x up-convolutions: FIR folded into the kernel (auto: on the fast path) or the official two passes")
+    p.add_argument("--channels-last", action="store_true", help="fast path: NHWC generator activations")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--invert-steps", type=int, default=300, help="optimisation steps of the photo inversion")
     p.add_argument("--face-index", type=int, default=None,
@@ -135,7 +138,9 @@ def _unlearn(args) -> int:
     gen, random_gen = resolve_generator(args.generator, device=device)
     id_loss, lpips = build_loss_networks(args, device, args.random_nets)
     cfg_kwargs = dict(iterations=args.iters, lr=args.lr, target=args.target, path=args.path, renderer=args.renderer,
-                      precision=args.precision, cuda_graph=not args.no_graph, seed=args.run_seed)
+                      precision=args.precision, cuda_graph=not args.no_graph, seed=args.run_seed,
+                      upsample_conv=args.upsample_conv,
+                      memory_format="channels_last" if args.channels_last else "contiguous")
     cfg = UnlearnConfig.baseline(**cfg_kwargs) if args.baseline else UnlearnConfig(**cfg_kwargs)
     scorer = _scorer(args, device)
     unl = Unlearner(gen, id_loss, lpips, cfg)
