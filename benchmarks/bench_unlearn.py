@@ -1,7 +1,7 @@
 """Seconds per GUIDE step and peak memory: reference loop vs fast loop, N identities.
 
 GPU (default preset ffhq512-128): reference (eager fp32, batch 1, term by term) vs fast (batched,
-cached planes, bf16, fused renderer, folded up-convs, CUDA graph); single-identity variants
+planes reused for the MSE, bf16, fused renderer, folded up-convs, CUDA graph); single-identity variants
 (--ablations: channels_last, unfolded up-convs, no graph, reference renderer); then, with the
 fastest single-identity settings, a full 1000-step run of one identity when the time budget
 allows, and N = 4, 16 identities. Each row is written to the results file as soon as it exists.
@@ -61,6 +61,7 @@ def time_steps(nets, cfg_kwargs, seeds, steps: int, device) -> dict:
         "peak_mb": peak_memory_mb(device), "setup_s": setup, "capture_s": session.timings.get("capture_s"),
         "renderer": session.renderer, "precision": session.precision, "graph": session.use_graph,
         "upsample_conv": session.upsample_conv, "memory_format": session.memory_format,
+        "cached_target_planes": getattr(session.stepper, "cache_target", False),
     }
 
 
@@ -99,7 +100,8 @@ def main(argv=None) -> int:
     rows = _Rows()
 
     def describe(res):
-        return f"upsample_conv={res['upsample_conv']}; memory_format={res['memory_format']}"
+        return (f"upsample_conv={res['upsample_conv']}; memory_format={res['memory_format']}; "
+                f"cached_target_planes={res['cached_target_planes']}")
 
     def record(what, path, n, dtype, res=None, extra="", error=None):
         shape = f"N={n} {preset}"

@@ -377,3 +377,40 @@ def test_session_with_channels_last_hands_back_a_plain_generator(gen, nets, tmp_
         _cfg(upsample_conv="fast")
     with pytest.raises(InputError, match="fast-path options"):
         Unlearner(gen, id_loss, lpips, _cfg(path="reference", upsample_conv="folded")).prepare(seeds=[3])
+
+
+@pytest.mark.parametrize("noise_mode,cache,cached", [("const", "auto", True), ("random", "auto", False),
+                                                     ("random", "on", True), ("const", "off", False)])
+def test_local_target_planes_are_cached_only_where_exact(gen, nets, noise_mode, cache, cached):
+    """guide.md §3.5/§7: with random backbone noise P_s(w_t) gets a fresh draw every step, so the
+    fast step caches it only under constant noise (or when told to)."""
+    cfg = _cfg(noise_mode=noise_mode, cache_target_planes=cache)
+    w_u = latents_from_seeds(gen, [8])
+    fast, _, g_s, _ = _session_parts(gen, nets, cfg, w_u, FastStep)
+    assert fast.cache_target is cached
+    assert (fast.passes[0].planes_target is not None) is cached
+    sizes = []
+    original = g_s.planes
+    g_s.planes = lambda ws, **kw: sizes.append(ws.shape[0]) or original(ws, **kw)
+    try:
+        fast.losses(_draws(fast, cfg, seed=1))
+    finally:
+        del g_s.planes
+    lay = fast.layout
+    assert sizes == [lay.total - lay.n_local if cached else lay.total]
+
+
+def test_config_rejects_values_that_would_silently_change_guide(gen, nets):
+    for bad, match in [(dict(log_every=0), "log_every"), (dict(target_distance=-30.0), "target_distance"),
+                       (dict(adjacency_alpha_min=-1.0), "adjacency_alpha_min"),
+                       (dict(cache_target_planes="yes"), "cache_target_planes")]:
+        with pytest.raises(InputError, match=match):
+            _cfg(**bad)
+    id_loss, lpips = nets
+    session = Unlearner(gen, id_loss, lpips, _cfg(iterations=2, upsample_conv="folded")).prepare(seeds=[3])
+    session.step()
+    res = session.finish(render=False)
+    assert res.timings["cached_target_planes"] is True  # noise "const" in _cfg
+    assert session.g_s.upsample_conv == session.g_u.upsample_conv == gen.upsample_conv
+    with pytest.raises(InputError, match="finished"):
+        session.step()

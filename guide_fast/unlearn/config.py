@@ -54,11 +54,16 @@ class UnlearnConfig:
     seed: int | None = 0
     # engine choices (not part of GUIDE's maths)
     path: str = "fast"                 # "fast" (batched, cached, bf16, fused, graph) or "reference"
-    renderer: str = "auto"             # "auto": triton on CUDA, reference on CPU
+    renderer: str = "auto"             # "auto": triton on CUDA for the fast path, reference otherwise
     precision: str = "auto"            # "auto": bf16 autocast on CUDA (fast path), fp32 elsewhere
     cuda_graph: bool = True            # capture the fast step in a CUDA graph (CUDA only)
     upsample_conv: str = "auto"        # "auto": "folded" on the fast path, "reference" on the reference path
     memory_format: str = "contiguous"  # fast path: generator activations "contiguous" (NCHW) or "channels_last"
+    # fast path: compute the local target's frozen tri-planes P_s(w_t) once per run. "auto" does so
+    # only where that is exact (noise_mode "const" or "none"); with random backbone noise GUIDE
+    # draws fresh noise for P_s(w_t) every step (guide.md §3.5, §7), so "auto" recomputes it, and
+    # "on" freezes one noise draw for the whole run (one backbone pass per identity cheaper).
+    cache_target_planes: str = "auto"
     warmup_steps: int = 2              # eager steps before capture (they are real steps)
     identities_per_pass: int = 4       # fast path: identities per forward/backward (0 = all); bounds memory
     log_every: int = 25                # how often (steps) device-side losses are read back
@@ -83,6 +88,8 @@ class UnlearnConfig:
             raise InputError(f"unknown upsample_conv {self.upsample_conv!r}; expected 'auto', 'reference' or 'folded'")
         if self.memory_format not in ("contiguous", "channels_last"):
             raise InputError(f"unknown memory_format {self.memory_format!r}; expected 'contiguous' or 'channels_last'")
+        if self.cache_target_planes not in ("auto", "on", "off"):
+            raise InputError(f"unknown cache_target_planes {self.cache_target_planes!r}; expected 'auto', 'on' or 'off'")
         if self.noise_mode not in ("random", "const", "none"):
             raise InputError(f"noise_mode must be 'random', 'const' or 'none', got {self.noise_mode!r}")
         if self.iterations < 0:
@@ -91,8 +98,14 @@ class UnlearnConfig:
             raise InputError(f"lr must be > 0, got {self.lr}")
         if self.adjacency_samples < 0 or self.global_samples < 0:
             raise InputError("adjacency_samples and global_samples must be >= 0")
-        if self.adjacency_alpha_max < self.adjacency_alpha_min:
-            raise InputError("adjacency_alpha_max must be >= adjacency_alpha_min")
+        if self.adjacency_alpha_min < 0 or self.adjacency_alpha_max < self.adjacency_alpha_min:
+            raise InputError(f"need 0 <= adjacency_alpha_min <= adjacency_alpha_max, got "
+                             f"[{self.adjacency_alpha_min}, {self.adjacency_alpha_max}]")
+        if self.target_distance < 0:
+            raise InputError(f"target_distance must be >= 0 (a negative one pulls towards the identity), "
+                             f"got {self.target_distance}")
+        if self.log_every < 1:
+            raise InputError(f"log_every must be >= 1, got {self.log_every}")
         if not (self.use_local or self.use_adjacency or self.use_global):
             raise InputError("at least one of use_local, use_adjacency, use_global must be on")
         if len(self.lookat) != 3:

@@ -29,7 +29,8 @@ class UnlearnError(GuideFastError):
     """The optimisation itself failed (e.g. the loss became non-finite)."""
 
 
-def latents_from_seeds(gen, seeds, truncation_psi: float = 1.0, fov_degrees: float = 18.837, lookat=(0, 0, 0)):
+def latents_from_seeds(gen, seeds, truncation_psi: float = 1.0, fov_degrees: float = 18.837, lookat=(0, 0, 0),
+                       radius: float = 2.7):
     """z ~ N(0, I) from each seed (CPU generator, so results do not depend on the device), mapped
     with the frontal conditioning camera (guide.md §3.3, Random scenario)."""
     if isinstance(seeds, int):
@@ -42,7 +43,7 @@ def latents_from_seeds(gen, seeds, truncation_psi: float = 1.0, fov_degrees: flo
             raise InputError(f"seeds must be integers, got {s!r}")
     device = next(gen.parameters()).device
     z = torch.stack([torch.randn(gen.config.z_dim, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
-    c = cameras.frontal_label(len(seeds), fov_degrees=fov_degrees, lookat=lookat, device=device)
+    c = cameras.frontal_label(len(seeds), fov_degrees=fov_degrees, lookat=lookat, radius=radius, device=device)
     with torch.no_grad():
         return gen.mapping(z, c, truncation_psi=truncation_psi)
 
@@ -115,8 +116,9 @@ class UnlearnSession:
         self.device = next(source.parameters()).device
         on_cuda = self.device.type == "cuda"
         t0 = time.perf_counter()
-        renderer = cfg.renderer if cfg.renderer != "auto" else ("triton" if on_cuda else "reference")
         fast = cfg.path == "fast"
+        # the reference loop is the oracle: its "auto" renderer is the PyTorch reference renderer
+        renderer = cfg.renderer if cfg.renderer != "auto" else ("triton" if (on_cuda and fast) else "reference")
         precision = cfg.precision if cfg.precision != "auto" else ("bf16" if (on_cuda and fast) else "fp32")
         if precision == "bf16" and not on_cuda:
             raise InputError("precision 'bf16' needs a CUDA device; use 'fp32' (or 'auto') on the CPU")
@@ -128,6 +130,7 @@ class UnlearnSession:
         upsample_conv = cfg.upsample_conv if cfg.upsample_conv != "auto" else ("folded" if fast else "reference")
         self.renderer, self.precision, self.upsample_conv = renderer, precision, upsample_conv
         self.memory_format = cfg.memory_format
+        self.finished = False
         self.use_graph = bool(fast and on_cuda and cfg.cuda_graph)
 
         # guide.md §3.1: G_s frozen; G_u a copy whose backbone.synthesis alone trains. Both in
@@ -189,6 +192,8 @@ class UnlearnSession:
 
     def step(self):
         """Run one optimisation step (eager, or a graph replay once captured)."""
+        if self.finished:
+            raise InputError("this session is finished (finish() handed its generator back); prepare a new one")
         if self.steps_done >= self.config.iterations:
             raise InputError(f"all {self.config.iterations} iterations are done")
         if self.use_graph and self.graph is None and self.steps_done >= self.config.warmup_steps:
@@ -273,22 +278,28 @@ class UnlearnSession:
         return self
 
     def finish(self, render: bool = True) -> UnlearnResult:
-        g_u = self.g_u.eval().requires_grad_(False)
-        g_u.set_renderer(self.unlearner.generator.renderer_backend)
-        g_u.set_upsample_conv(self.unlearner.generator.upsample_conv)
-        if self.memory_format != "contiguous":
-            g_u.to(memory_format=torch.contiguous_format)  # the delta and checkpoint store plain layouts
+        self.finished = True  # the parameters change layout below: a captured graph must not replay again
+        source = self.unlearner.generator
+        # G_u goes back to the source generator's operators and plain layouts (the delta and the
+        # checkpoint store those); G_s likewise, so that before/after renders differ only by the weights.
+        for g in (self.g_u, self.g_s):
+            g.eval().requires_grad_(False)
+            g.set_renderer(source.renderer_backend).set_upsample_conv(source.upsample_conv)
+            if self.memory_format != "contiguous":
+                g.to(memory_format=torch.contiguous_format)
+        g_u = self.g_u
         result = UnlearnResult(
             generator=g_u, source=self.unlearner.generator, w_source=self.w_source.detach(),
             w_target=self.w_target.detach(), config=self.config, losses=list(self.losses),
             identity_losses=list(self.identity_losses),
             timings=dict(self.timings, renderer=self.renderer, precision=self.precision, cuda_graph=self.use_graph,
                          upsample_conv=self.upsample_conv, memory_format=self.memory_format,
+                         cached_target_planes=getattr(self.stepper, "cache_target", False),
                          path=self.config.path, device=str(self.device)),
         )
         if render:
             t0 = time.perf_counter()
-            src = self.g_s.eval()
+            src = self.g_s
             result.renders = {
                 "before": render_views(src, self.w_source, self.config),
                 "after": render_views(g_u, self.w_source, self.config),
@@ -324,7 +335,8 @@ class Unlearner:
         gen = self.generator
         inversion = None
         if seeds is not None:
-            w = latents_from_seeds(gen, seeds, self.config.truncation_psi, self.config.fov_degrees, self.config.lookat)
+            w = latents_from_seeds(gen, seeds, self.config.truncation_psi, self.config.fov_degrees, self.config.lookat,
+                                   self.config.radius)
         elif images is not None:
             from ..invert import invert_images
 

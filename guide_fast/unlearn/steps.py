@@ -5,7 +5,10 @@ separate backbone passes for the tri-plane MSE and the image. The oracle and the
 
 `FastStep`: the same maths restructured: every trainable render of the step in one batched
 call and every frozen one in another; tri-planes computed once per latent and reused for the
-MSE; the local target's frozen tri-planes computed once per run; bf16 autocast on CUDA (losses,
+MSE (one noise draw serves the MSE and the image of a latent: each term still sees a correctly
+distributed draw, so the expected gradient is GUIDE's); the local target's frozen tri-planes
+computed once per run where that is exact (constant noise; UnlearnConfig.cache_target_planes);
+bf16 autocast on CUDA (losses,
 master weights and Adam state stay fp32); the fused renderer; all random draws made on the
 device, so the whole step (forward, backward, Adam) can be captured once in a CUDA graph and
 replayed.
@@ -242,7 +245,7 @@ class _Pass:
     layout: Layout
     w_u: torch.Tensor
     w_t: torch.Tensor
-    planes_target: torch.Tensor
+    planes_target: torch.Tensor | None  # None: recomputed every step (random noise)
     entry_identity: torch.Tensor
     mse_w: torch.Tensor
     lp_w: torch.Tensor
@@ -268,15 +271,19 @@ class FastStep(_StepBase):
         self.optimizer = torch.optim.Adam(self.params, **opt_kwargs)
         n = self.layout.n
         per = n if identities_per_pass <= 0 else min(identities_per_pass, n)
+        self.cache_target = cfg.use_local and (cfg.cache_target_planes == "on" or (
+            cfg.cache_target_planes == "auto" and cfg.noise_mode != "random"))
         self.passes = []
         for a in range(0, n, per):
             b = min(a + per, n)
             lay = Layout(b - a, cfg.use_local, cfg.k_adj, cfg.k_glob)
             w_u, w_t = self.w_u[a:b], self.w_t[a:b]
-            # guide.md §3.5(a): the local target G_s(w_t) is constant for the whole run: its
-            # tri-planes are computed once (with the run's noise mode) instead of every step.
-            with torch.no_grad(), self._autocast():
-                planes_t = self.g_s.planes(w_t, noise_mode=cfg.noise_mode, validate=False).float()
+            # guide.md §3.5(a): with constant noise the local target's tri-planes P_s(w_t) are the
+            # same every step: computed once here instead of every step.
+            planes_t = None
+            if self.cache_target:
+                with torch.no_grad(), self._autocast():
+                    planes_t = self.g_s.planes(w_t, noise_mode=cfg.noise_mode, validate=False).float()
             index = torch.tensor(self.layout.entry_indices(a, b), dtype=torch.long, device=self.device)
             self.passes.append(_Pass(a, index, lay, w_u, w_t, planes_t, lay.identity_index(self.device), *self.weights(lay)))
 
@@ -316,9 +323,10 @@ class FastStep(_StepBase):
             with nvtx_range("backbone"):
                 planes_u = self.g_u.planes(w_u_all, noise_mode=cfg.noise_mode, validate=False)
                 with torch.no_grad():
-                    if lay.n_local < lay.total:
-                        new = self.g_s.planes(w_s_all[lay.n_local:], noise_mode=cfg.noise_mode, validate=False).float()
-                        planes_s = torch.cat([plan.planes_target, new]) if lay.n_local else new
+                    cached = lay.n_local if plan.planes_target is not None else 0
+                    if cached < lay.total:
+                        new = self.g_s.planes(w_s_all[cached:], noise_mode=cfg.noise_mode, validate=False).float()
+                        planes_s = torch.cat([plan.planes_target, new]) if cached else new
                     else:
                         planes_s = plan.planes_target
             with nvtx_range("synthesis"):
