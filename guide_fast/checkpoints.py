@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import CheckpointError, InputError, describe_state_mismatch
+from .errors import CheckpointError, GuideFastError, InputError, describe_state_mismatch
 from .io import atomic_path
 
 GENERATOR_FORMAT = "guide-fast/generator"
@@ -241,6 +241,15 @@ def _config_from_official(stub, state) -> "GeneratorConfig":  # noqa: F821
     )
 
 
+def describe_non_finite(state) -> str | None:
+    """None if every floating tensor is finite, else 'N non-finite values in K tensors (first: name)'."""
+    bad = [(k, int((~torch.isfinite(v)).sum())) for k, v in state.items()
+           if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if not bad:
+        return None
+    return f"{sum(n for _, n in bad):,} non-finite values in {len(bad)} tensors (first: {bad[0][0]})"
+
+
 def _build_and_fill(config, state, source: str, renderer: str):
     from .eg3d.generator import TriPlaneGenerator
 
@@ -249,6 +258,9 @@ def _build_and_fill(config, state, source: str, renderer: str):
     problems = describe_state_mismatch(state, expected)
     if problems:
         raise CheckpointError(f"{source}: tensors do not match the EG3D generator: {problems}")
+    non_finite = describe_non_finite(state)
+    if non_finite:
+        raise CheckpointError(f"{source}: {non_finite}; refusing a generator that can only render garbage")
     gen.load_state_dict({k: state[k].to(expected[k].dtype) for k in expected}, strict=True)
     return gen.eval().requires_grad_(False)
 
@@ -341,6 +353,9 @@ def save_generator(gen, path, source_sha256: str | None = None) -> Path:
 
     path = Path(path)
     state = OrderedDict((k, v.detach().to("cpu").contiguous().clone()) for k, v in gen.state_dict().items())
+    non_finite = describe_non_finite(state)
+    if non_finite:
+        raise GuideFastError(f"refusing to write {path}: the generator has {non_finite}")
     meta = {
         "format": GENERATOR_FORMAT,
         "format_version": FORMAT_VERSION,
@@ -359,6 +374,67 @@ def convert(src, dst) -> Path:
     return save_generator(gen, dst, source_sha256=gen.source_sha256)
 
 
+# --------------------------------------------------------------------------- plain files
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _check_file(path: Path, what: str) -> None:
+    if path.is_dir():
+        raise CheckpointError(f"{what} {path} is a folder; expected a file")
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path}: no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{what} {path} is empty")
+
+
+def read_torch_file(path, what: str = "file"):
+    """torch.load(weights_only=True) on CPU (never executes code from the file), with errors that
+    say what is wrong: a folder, an empty file, not a PyTorch file at all, or Python objects
+    other than tensors (refused)."""
+    path = Path(path)
+    _check_file(path, what)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types; each gets a plain reason
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head[:2] != b"PK" and head[:1] != b"\x80":
+            reason = (f"not a PyTorch file: one written by torch.save is a zip archive or a pickle, this one "
+                      f"starts with {head!r} (read with torch.load(weights_only=True))")
+        elif "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            reason = ("holds Python objects other than tensors, refused: files are read with "
+                      f"torch.load(weights_only=True), which never runs code from the file ({_first_line(exc)})")
+        else:
+            reason = f"cannot be read with torch.load(weights_only=True) (truncated or corrupt?): {_first_line(exc)}"
+        raise CheckpointError(f"{what} {path}: {reason}") from None
+
+
+def read_npy_file(path, what: str = "file", mmap: bool = False) -> np.ndarray:
+    """A plain .npy array (allow_pickle=False), with a clear error for anything else."""
+    path = Path(path)
+    _check_file(path, what)
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY":
+        raise CheckpointError(f"{what} {path}: not a .npy array file (it does not start with the .npy magic bytes)")
+    try:
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except ValueError as exc:
+        if "pickle" in str(exc):
+            raise CheckpointError(f"{what} {path}: an object array (pickled Python objects), refused; "
+                                  "expected a numeric array") from None
+        raise CheckpointError(f"{what} {path}: unreadable .npy file: {_first_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{what} {path}: unreadable .npy file (truncated?): {_first_line(exc)}") from None
+
+
+def _some(names, limit: int = 8) -> str:
+    names = sorted(map(str, names))
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
 # --------------------------------------------------------------------------- latent files
 LATENT_KEYS = ("w_source", "w_u", "w", "ws", "latents", "latent", "w_plus")
 
@@ -368,24 +444,19 @@ def load_latents(path, what: str = "latent file", key: str | None = None) -> tor
     the tensor itself, the entry `key`, else the entry named w_source (or w_u, w, ws, latents,
     ...), else the only tensor in the file. Returned as float32, shape as stored."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{what} not found: {path}")
-    try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj = load_file(str(path))
-        elif path.suffix.lower() == ".npy":
-            obj = torch.from_numpy(np.load(path, allow_pickle=False))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read {what} {path}: {type(exc).__name__}: {exc}") from None
+    _check_file(path, what)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        obj = dict(_read_safetensors(path)[0])
+    elif suffix == ".npy":
+        obj = torch.from_numpy(np.array(read_npy_file(path, what)))
+    else:
+        obj = read_torch_file(path, what)
     if isinstance(obj, dict):
         tensors = {k: v for k, v in obj.items() if torch.is_tensor(v)}
         if key is not None:
             if key not in tensors:
-                raise CheckpointError(f"{what} {path} has no tensor {key!r} (file has {sorted(obj)})")
+                raise CheckpointError(f"{what} {path} has no tensor {key!r} (file has {_some(obj)})")
             found = key
         else:
             found = next((k for k in LATENT_KEYS if k in tensors), None)
@@ -393,7 +464,7 @@ def load_latents(path, what: str = "latent file", key: str | None = None) -> tor
                 found = next(iter(tensors))
         if found is None:
             raise CheckpointError(f"{what} {path}: no latent tensor found (looked for {', '.join(LATENT_KEYS)}; "
-                                  f"file has {sorted(obj)})")
+                                  f"file has {_some(obj)})")
         obj = tensors[found]
     if not torch.is_tensor(obj):
         raise CheckpointError(f"{what} {path} holds a {type(obj).__name__}, not a tensor")
@@ -419,6 +490,9 @@ def save_delta(source, unlearned, path, extra: dict | None = None) -> Path:
     from safetensors.torch import save_file
 
     delta = compute_delta(source, unlearned)
+    non_finite = describe_non_finite(delta)
+    if non_finite:
+        raise GuideFastError(f"refusing to write {path}: the weight delta has {non_finite}")
     meta = {
         "format": DELTA_FORMAT,
         "format_version": FORMAT_VERSION,

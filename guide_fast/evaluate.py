@@ -268,13 +268,9 @@ def _as_real_features(real_features) -> np.ndarray | None:
     if real_features is None:
         return None
     if isinstance(real_features, (str, Path)):
-        path = Path(real_features)
-        if not path.is_file():
-            raise InputError(f"real-image features not found: {path}")
-        try:
-            real_features = np.load(path, allow_pickle=False)
-        except Exception as exc:
-            raise InputError(f"cannot read real-image features {path}: {exc}") from exc
+        from .checkpoints import read_npy_file
+
+        real_features = read_npy_file(real_features, "real-image features")
     feats = np.asarray(real_features, dtype=np.float64)
     from .fid import FEATURE_DIM
 

@@ -292,15 +292,14 @@ def load_inception(path, device=None) -> FIDInception:
     `num_batches_tracked` entries may be absent (BatchNorm fills them); `fc.*` may be absent
     (a pytorch-fid wrapper state dict has none; the fc layer is never run).
     """
+    from .checkpoints import read_torch_file
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(
             f"FID Inception weights not found: {path} (expected the pytorch-fid file {STANDARD_WEIGHTS_NAME})")
-    try:
-        # weights_only: a .pth is a pickle; never execute code from a user-supplied file.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt zip, not a torch file, pickle with code, ...
-        raise CheckpointError(f"cannot read FID Inception weights {path}: {type(exc).__name__}: {exc}") from exc
+    # weights_only: a .pth is a pickle; never execute code from a user-supplied file.
+    state = read_torch_file(path, "FID Inception weights")
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):

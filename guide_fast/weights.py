@@ -188,11 +188,9 @@ def validate_fid_inception(path) -> str:
 def validate_goae(path) -> str:
     import torch
 
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True): "
-                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+    from .checkpoints import read_torch_file
+
+    obj = read_torch_file(path, "GOAE encoder weights")
     for key in ("state_dict", "encoder", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -209,10 +207,9 @@ def validate_goae(path) -> str:
 def validate_w_avg(path) -> str:
     import torch
 
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True): {exc}") from None
+    from .checkpoints import read_torch_file
+
+    obj = read_torch_file(path, "w_avg file")
     if not torch.is_tensor(obj):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a tensor [14, 512]")
     if tuple(obj.shape) not in ((14, 512), (1, 14, 512), (512,)):
@@ -223,12 +220,9 @@ def validate_w_avg(path) -> str:
 
 
 def validate_real_features(path) -> str:
-    import numpy as np
+    from .checkpoints import read_npy_file
 
-    try:
-        arr = np.load(path, allow_pickle=False, mmap_mode="r")
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"{path}: not a plain .npy array: {exc}") from None
+    arr = read_npy_file(path, "real-image features", mmap=True)
     if arr.ndim != 2 or arr.shape[1] != 2048:
         raise CheckpointError(f"{path}: array of shape {list(arr.shape)}, expected [N, 2048] Inception pool3 features")
     return f"{arr.shape[0]} feature rows of 2048 ({arr.dtype})"

@@ -190,3 +190,60 @@ def test_delta_apply_and_revert(tmp_path):
     other = build_generator("tiny", seed=1)
     with pytest.raises(CheckpointError, match="different source"):
         apply_delta(other, delta, meta)
+
+
+def test_non_finite_generators_are_neither_loaded_nor_written(tmp_path):
+    from guide_fast.checkpoints import load_generator, save_generator
+    from guide_fast.errors import GuideFastError
+
+    g = build_generator("tiny", seed=0)
+    path = save_generator(g, tmp_path / "ok.safetensors")
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    state = load_file(str(path))
+    name = "backbone.synthesis.b8.conv0.weight"
+    state[name][0, 0, 0, 0] = float("nan")
+    save_file(state, str(tmp_path / "nan.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match=r"1 non-finite values in 1 tensors \(first: backbone.synthesis.b8"):
+        load_generator(tmp_path / "nan.safetensors")
+    with torch.no_grad():
+        g.backbone.synthesis.b8.conv0.weight[0, 0, 0, 0] = float("inf")
+    with pytest.raises(GuideFastError, match="refusing to write"):
+        save_generator(g, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left behind
+
+
+def test_plain_file_readers_say_what_is_wrong(tmp_path):
+    from guide_fast.checkpoints import load_latents, read_npy_file, read_torch_file, save_generator
+
+    text = tmp_path / "notes.pt"
+    text.write_text("just some text\n")
+    with pytest.raises(CheckpointError, match="not a PyTorch file"):
+        read_torch_file(text, "latent file")
+    with pytest.raises(CheckpointError, match="is a folder"):
+        load_latents(tmp_path)
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="is empty"):
+        read_torch_file(tmp_path / "empty.pth", "weights")
+    (tmp_path / "text.npy").write_text("1 2 3\n")
+    with pytest.raises(CheckpointError, match="not a .npy array file"):
+        read_npy_file(tmp_path / "text.npy", "real-image features")
+    import numpy as np
+
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(CheckpointError, match="object array"):
+        read_npy_file(tmp_path / "obj.npy")
+    gen_file = save_generator(build_generator("tiny", seed=0), tmp_path / "g.safetensors")
+    with pytest.raises(CheckpointError, match=r"no latent tensor found .*\.\.\. \(\d+ in all\)") as info:
+        load_latents(gen_file)
+    assert len(str(info.value)) < 600  # a short key list, not the whole generator
+    onnx_text = tmp_path / "model.onnx"
+    onnx_text.write_text("not protobuf")
+    from guide_fast.identity.onnx_export import onnx_metadata
+
+    with pytest.raises(CheckpointError, match="not a readable ONNX file"):
+        onnx_metadata(onnx_text)

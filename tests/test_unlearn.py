@@ -403,7 +403,8 @@ def test_local_target_planes_are_cached_only_where_exact(gen, nets, noise_mode, 
 def test_config_rejects_values_that_would_silently_change_guide(gen, nets):
     for bad, match in [(dict(log_every=0), "log_every"), (dict(target_distance=-30.0), "target_distance"),
                        (dict(adjacency_alpha_min=-1.0), "adjacency_alpha_min"),
-                       (dict(cache_target_planes="yes"), "cache_target_planes")]:
+                       (dict(cache_target_planes="yes"), "cache_target_planes"),
+                       (dict(lr=float("inf")), "lr must be finite"), (dict(lr=float("nan")), "lr must be finite")]:
         with pytest.raises(InputError, match=match):
             _cfg(**bad)
     id_loss, lpips = nets

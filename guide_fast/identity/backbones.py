@@ -199,17 +199,10 @@ _EXPECTED_CACHE: dict = {}
 def read_state_dict(path, what: str = "weight file") -> "OrderedDict[str, torch.Tensor]":
     """torch.load(weights_only=True) on CPU, unwrapping {'state_dict': ...} and stripping a
     `module.` (DataParallel) prefix. Raises CheckpointError naming the file on any failure."""
+    from ..checkpoints import read_torch_file
+
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{what} {path}: no such file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - the loader raises many types; report them all alike
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{what} {path}: cannot be read as a plain tensor state_dict with "
-            f"torch.load(weights_only=True): {first}"
-        ) from None
+    obj = read_torch_file(path, what)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):

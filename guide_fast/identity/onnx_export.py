@@ -106,7 +106,15 @@ def _check_signature(model, path) -> None:
 def onnx_metadata(path) -> dict:
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    path = Path(path)
+    if path.is_dir() or not path.is_file():
+        raise CheckpointError(f"ONNX model {path}: {'is a folder; expected a file' if path.is_dir() else 'no such file'}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf DecodeError, truncated file, ...
+        text = str(exc).strip()
+        raise CheckpointError(f"ONNX model {path}: not a readable ONNX file "
+                              f"({type(exc).__name__}{': ' + text.splitlines()[0][:200] if text else ''})") from None
     return {p.key: p.value for p in model.metadata_props}
 
 

@@ -76,6 +76,11 @@ class UnlearnConfig:
         self.validate()
 
     def validate(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            values = v if isinstance(v, tuple) else (v,)
+            if any(isinstance(x, float) and not math.isfinite(x) for x in values):
+                raise InputError(f"{f.name} must be finite, got {v}")
         if self.target not in TARGET_MODES:
             raise InputError(f"unknown target mode {self.target!r}; expected one of {TARGET_MODES}")
         if self.path not in LOOP_PATHS:
