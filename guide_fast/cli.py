@@ -29,12 +29,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run the command; returns the exit code: 0 done, 2 bad input (one line on stderr, and no
+    output written), 130 interrupted. Usage errors from argparse return its code (2) too."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     try:
         return int(args.func(args) or 0)
     except GuideFastError as exc:
         print(f"guide-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file-system failure the checks did not foresee: still one line
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"guide-fast {args.command}: error:{where} {exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"guide-fast {args.command}: interrupted; no partial output was kept", file=sys.stderr)

@@ -1,12 +1,266 @@
 """File output that is never half-written: write to a temporary name beside the target, then
-rename over it (atomic on POSIX). Every file guide-fast writes goes through here."""
+rename over it (atomic on POSIX). Every file guide-fast writes goes through here.
+
+Output paths are checked before any work (check_output_path): a path that cannot be written
+is an InputError naming the path, the flag and the reason, never an OSError traceback after
+minutes of work. Folders of several files (an unlearning run, an evaluation) are written into a
+staging folder and put in place as a whole (staged_folder).
+"""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
+
+from .errors import InputError
+
+# suffix -> PIL format of the images guide-fast writes (a path without a suffix is a PNG)
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
+                 ".tif": "TIFF", ".tiff": "TIFF"}
+
+
+def _label(path, flag) -> str:
+    return f"{flag} {path}" if flag else str(path)
+
+
+def _os_reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def _cannot_write(flag, path, exc: OSError) -> InputError:
+    where = f"{flag} {path}: cannot write there" if flag else f"cannot write {path}"
+    return InputError(f"{where} ({_os_reason(exc)})")
+
+
+def _writable_parent(path: Path, label: str) -> None:
+    """The folder that will hold `path` exists (or can be created) and can be written."""
+    parent = path.parent
+    missing = []
+    probe = parent
+    while not os.path.lexists(probe):
+        missing.append(probe)
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if os.path.lexists(probe) and not probe.is_dir():
+        what = "the folder" if not missing else "a folder on its path"
+        raise InputError(f"{label}: cannot write there: {what} {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        action = "create folders in" if missing else "write in"
+        reason = "read-only file system" if _read_only(probe) else "permission denied"
+        raise InputError(f"{label}: cannot {action} {probe} ({reason})")
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
+def image_format(path, flag: str | None = None) -> str:
+    """The PIL format for an image path from its suffix; InputError for one guide-fast cannot write."""
+    suffix = Path(path).suffix.lower()
+    if not suffix:
+        return "PNG"
+    if suffix not in IMAGE_FORMATS:
+        raise InputError(f"{_label(path, flag)}: cannot write a {suffix!r} image; expected a path ending in "
+                         f"{', '.join(IMAGE_FORMATS)}")
+    fmt = IMAGE_FORMATS[suffix]
+    if fmt == "WEBP":
+        from PIL import features
+
+        if not features.check("webp"):
+            raise InputError(f"{_label(path, flag)}: this Pillow has no WebP support; use .png or .jpg")
+    return fmt
+
+
+def folder_entries(path) -> list[str]:
+    """Names in an existing folder (sorted), [] for a missing or empty one."""
+    path = Path(path)
+    if not path.is_dir():
+        return []
+    return sorted(p.name for p in path.iterdir())
+
+
+def _list(names, limit: int = 4) -> str:
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def check_output_path(path, kind: str = "file", flag: str | None = "--out", *, overwrite: bool = False,
+                      suffixes=None, image: bool = False, keep_contents: bool = False) -> Path:
+    """Check an output path before any work is done; returns it as a Path.
+
+    kind "file": must not be an existing folder; its folder must exist or be creatable, and be
+    writable. With `suffixes` the name must end in one of them; with image=True it must be an
+    image type save_image writes. kind "folder": must not be an existing file; its parent must be
+    creatable and writable; an existing folder that holds files is refused unless `overwrite`
+    (the whole folder is then replaced, see staged_folder); keep_contents=True: files are added
+    to an existing folder (an evaluation into its run folder), only writability is checked.
+    `flag` names the option in messages (None: the library's `out_dir`).
+    """
+    if kind not in ("file", "folder"):
+        raise ValueError(f"kind must be 'file' or 'folder', got {kind!r}")
+    if path is None or str(path) == "":
+        raise InputError(f"{flag or 'output path'}: empty path")
+    p = Path(path)
+    label = _label(path, flag)
+    if kind == "file":
+        if p.is_dir():
+            suffix = suffixes[0] if suffixes else ".png" if image else None
+            example = f" (for example {p / ('name' + suffix)})" if suffix else ""
+            raise InputError(f"{label} is an existing folder; expected a file path{example}")
+        if suffixes and p.suffix.lower() not in suffixes:
+            raise InputError(f"{label}: expected a file name ending in {' or '.join(suffixes)}, got "
+                             f"{p.suffix or 'no suffix'!r}")
+        if image:
+            image_format(p, flag)
+        _writable_parent(p, label)
+        return p
+    if os.path.lexists(p) and not p.is_dir():
+        raise InputError(f"{label} is an existing file; expected a folder (a new one, or one of an earlier run "
+                         f"with --overwrite)")
+    if p.is_dir():
+        entries = [] if keep_contents else folder_entries(p)
+        if entries and not overwrite:
+            how = "pass --overwrite" if flag else "pass overwrite=True"
+            raise InputError(f"{label} already holds files ({_list(entries)}); choose another folder or {how} "
+                             f"to replace its contents")
+        if entries:
+            _check_replaceable(p, label)
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise InputError(f"{label}: cannot write in {p} "
+                             f"({'read-only file system' if _read_only(p) else 'permission denied'})")
+        return p  # an existing folder is written from inside when its parent is not writable
+    _writable_parent(p, label)
+    return p
+
+
+def _check_replaceable(p: Path, label: str) -> None:
+    """--overwrite deletes the folder's old contents: never the working folder, one above it, a
+    file-system root or the home folder."""
+    real = p.resolve()
+    cwd = Path.cwd().resolve()
+    home = Path.home().resolve()
+    if real == cwd or real in cwd.parents or real.parent == real or real == home:
+        raise InputError(f"{label}: refusing to replace {real} (it is the current folder, a folder above it, "
+                         f"the home folder or a file-system root); choose a dedicated output folder")
+
+
+def _other_filesystem(folder: Path) -> bool:
+    """True when `folder` cannot be renamed within its parent (a mount point)."""
+    try:
+        return os.path.ismount(folder) or os.stat(folder).st_dev != os.stat(folder.parent).st_dev
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def staged_folder(out_dir, *, overwrite: bool = False, flag: str | None = None, replace=None):
+    """Yield an empty staging folder; when the block succeeds its files become `out_dir`.
+
+    replace=None (a whole folder): the stage is a sibling of out_dir; once complete, an existing
+    out_dir is moved aside, the stage renamed into place and the old folder deleted, so an
+    interruption leaves the old folder or the new one, never a mix. When out_dir is a mount point
+    (rename across file systems fails with EXDEV) the stage is made inside out_dir instead and
+    its files moved in one by one (report.json last). replace=[names]: only those names of an
+    existing out_dir are replaced (the evaluation files of a run folder); the stage is inside out_dir.
+    On any exception the stage is removed and out_dir keeps what it had.
+    """
+    out_dir = Path(out_dir)
+    if replace is None:
+        check_output_path(out_dir, "folder", flag, overwrite=overwrite)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        inside = (replace is not None or _other_filesystem(out_dir)
+                  or not os.access(out_dir.parent, os.W_OK | os.X_OK))
+        stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir if inside else out_dir.parent))
+    except OSError as exc:
+        raise _cannot_write(flag, out_dir, exc) from None
+    try:
+        yield stage
+        if inside:
+            _commit_inside(stage, out_dir, flag, replace)
+        else:
+            _commit_beside(stage, out_dir, flag)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _commit_beside(stage: Path, out_dir: Path, flag) -> None:
+    try:
+        if folder_entries(out_dir):
+            aside = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            try:
+                os.replace(out_dir, aside)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.rmdir(aside)
+                raise
+            try:
+                os.replace(stage, out_dir)
+            except BaseException:
+                os.replace(aside, out_dir)
+                raise
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(stage, out_dir)  # over the empty folder
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EBUSY):
+            raise _cannot_write(flag, out_dir, exc) from None
+        # out_dir is on another file system than its parent (or busy): copy the complete stage
+        # into a stage inside out_dir, then move the files in there.
+        try:
+            inner = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir))
+        except OSError as exc2:
+            raise _cannot_write(flag, out_dir, exc2) from None
+        try:
+            for child in stage.iterdir():
+                (shutil.copytree if child.is_dir() else shutil.copy2)(child, inner / child.name)
+            _commit_inside(inner, out_dir, flag, None)
+        except OSError as exc2:
+            raise _cannot_write(flag, out_dir, exc2) from None
+        finally:
+            shutil.rmtree(inner, ignore_errors=True)
+
+
+def _commit_inside(stage: Path, out_dir: Path, flag, replace) -> None:
+    """Move the old entries (all, or those named in `replace`) aside inside out_dir, move the
+    staged files in (report.json / eval.json last), then delete the old ones. On a failure the
+    files moved in are removed and the old ones put back."""
+    aside, moved_out, moved_in = None, [], []
+    try:
+        old = [p for p in out_dir.iterdir() if p.name != stage.name and (replace is None or p.name in replace)]
+        if old:
+            aside = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir))
+            for p in old:
+                os.replace(p, aside / p.name)
+                moved_out.append(p.name)
+        last = ("report.json", "eval.json")
+        for p in sorted(stage.iterdir(), key=lambda p: (p.name in last, p.name)):
+            os.replace(p, out_dir / p.name)
+            moved_in.append(p.name)
+    except BaseException as exc:
+        for name in moved_in:
+            target = out_dir / name
+            with contextlib.suppress(OSError):
+                shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+        for name in moved_out:
+            with contextlib.suppress(OSError):
+                os.replace(aside / name, out_dir / name)
+        if aside is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(aside)
+        if isinstance(exc, OSError):
+            raise _cannot_write(flag, out_dir, exc) from None
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -16,13 +270,21 @@ def atomic_path(path, suffix: str | None = None):
     On any exception the temporary file is removed and `path` is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
+    if path.is_dir():
+        raise InputError(f"cannot write {path}: it is an existing folder, not a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
+    except OSError as exc:  # read-only file system, a file where a folder should be, permissions
+        raise _cannot_write(None, path, exc) from None
     try:
         yield Path(tmp)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise _cannot_write(None, path, exc) from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -71,8 +333,9 @@ def save_image(path, image) -> None:
         if hasattr(arr, "detach"):
             arr = to_uint8(arr)
         image = Image.fromarray(np.asarray(arr))
-    fmt = Path(path).suffix.lstrip(".").upper() or "PNG"
-    fmt = "JPEG" if fmt == "JPG" else fmt
+    fmt = image_format(path)
+    if fmt == "JPEG" and image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")
     with atomic_path(path) as tmp:
         image.save(tmp, format=fmt)
 

@@ -3,6 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ._common import check_positive, check_precision, check_renderer, resolve_device, seed_type
+
+# the files `evaluate` writes (eval.json and the plots it can make)
+EVAL_FILES = ("eval.json", "id_per_view.png", "loss_curves.png", "diversity.png", "views.png")
+# numpy's RandomState draws the paired samples' yaws: it takes seeds below 2**32
+EVAL_SEED_LIMIT = 2 ** 32
 
 
 def add_commands(sub) -> None:
@@ -35,16 +41,21 @@ def add_commands(sub) -> None:
     p.add_argument("--random-nets", action="store_true",
                    help="use randomly initialised IR-101 and Inception networks: a pipeline check, the numbers "
                         "mean nothing (for the tiny demo, which has no real weights)")
-    p.add_argument("--batch-size", type=int, default=None, help="renders per batch (default 32 on CUDA, 8 on CPU)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the paired samples (GUIDE: 0)")
+    p.add_argument("--batch-size", type=int, default=None, help="renders per batch, >= 1 (default 32 on CUDA, 8 on CPU)")
+    p.add_argument("--seed", type=seed_type(EVAL_SEED_LIMIT), default=0,
+                   help="seed of the paired samples (GUIDE: 0; 0 <= seed < 2**32)")
     p.add_argument("--renderer", choices=["auto", "reference", "triton"], default="auto",
-                   help="tri-plane renderer (auto: triton on CUDA, reference on CPU)")
+                   help="tri-plane renderer (auto: triton on CUDA, reference on CPU; triton needs CUDA)")
     p.add_argument("--fid-method", choices=["auto", "sqrtm", "eigh", "gram"], default="auto",
                    help="tr sqrt(S1 S2): scipy sqrtm as GUIDE, eigh (faster), gram (exact, for <= 2048 samples); auto picks")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="renders in fp32 as GUIDE (default) or under bf16 autocast on CUDA (faster, not GUIDE's numerics)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    p.add_argument("--out", metavar="DIR", help="output folder (default: the run directory, or ./eval_out)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: the run directory, or ./eval_out); "
+                   "a new or empty one, see --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier evaluation: in the run directory only its evaluation files "
+                        f"({', '.join(EVAL_FILES)}) are replaced, an --out folder's contents as a whole")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
     p.set_defaults(func=_evaluate)
 
@@ -63,14 +74,6 @@ def _has_tensor(path: Path, key: str) -> bool:
 
     with safe_open(str(path), framework="pt") as f:
         return key in f.keys()
-
-
-def _device(name):
-    import torch
-
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _renderer(choice: str, device) -> str:
@@ -146,18 +149,35 @@ def _evaluate(args) -> int:
 
     from ..errors import InputError
     from ..evaluate import evaluate, make_scorer
+    from ..io import check_output_path, staged_folder
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
+    check_renderer(args.renderer, device)
+    check_precision(args.precision, device)
+    check_positive(args.batch_size, "--batch-size")
+    if args.samples < 0 or args.samples == 1:
+        raise InputError(f"--samples must be 0 (skip FID_pre) or >= 2 (a covariance needs 2 samples), got {args.samples}")
+    if args.preserve < 0:
+        raise InputError(f"--preserve must be >= 0 (0 skips preservation), got {args.preserve}")
+    if args.run and (args.unlearned or args.latent):
+        raise InputError("give either --run DIR or --unlearned/--latent, not both")
+    # Output: into the run directory (the default with --run: the evaluation's files join the
+    # run's), or a folder of its own (--out, else ./eval_out) written as a whole. Checked before
+    # any work; an earlier evaluation in the run directory is looked for once the inputs are read.
+    run_dir = Path(args.run) if args.run else None
+    out = Path(args.out) if args.out else (run_dir if run_dir is not None else Path("eval_out"))
+    in_run = run_dir is not None and out.resolve() == run_dir.resolve()
+    if in_run:
+        if run_dir.is_dir():
+            check_output_path(out, "folder", "--out" if args.out else "--run", keep_contents=True)
+    else:
+        check_output_path(out, "folder", "--out", overwrite=args.overwrite)
     renderer = _renderer(args.renderer, device)
     notes: list[str] = []
     if args.run:
-        if args.unlearned or args.latent:
-            raise InputError("give either --run DIR or --unlearned/--latent, not both")
-        run_dir = Path(args.run)
         source, unlearned, w_source, report = _load_run(run_dir, renderer, device, notes)
         if args.source:  # an explicit source overrides report.json
             source = _load_generator(args.source, renderer, device, "source")
-        out = Path(args.out) if args.out else run_dir
     else:
         missing = [flag for flag, v in (("--source", args.source), ("--unlearned", args.unlearned),
                                         ("--latent", args.latent)) if not v]
@@ -167,14 +187,13 @@ def _evaluate(args) -> int:
         unlearned = _load_generator(args.unlearned, renderer, device, "unlearned")
         w_source = load_latents(args.latent, "latent file")
         report = None
-        out = Path(args.out or "eval_out")
     others = load_latents(args.others, "--others latent file") if args.others else None
     if others is None and args.run and _has_tensor(Path(args.run) / "latents.safetensors", "w_others"):
         # `guide-fast unlearn --others DIR` inverted the other photos of the person (guide.md §4.3)
         others = load_latents(Path(args.run) / "latents.safetensors", "run latents", key="w_others")
         notes.append(f"ID_others from the {others.shape[0]} other photo(s) inverted by the unlearning run")
 
-    batch_size = args.batch_size or (32 if device.type == "cuda" else 8)
+    batch_size = args.batch_size if args.batch_size is not None else (32 if device.type == "cuda" else 8)
     backend = None if args.id_backend == "auto" else args.id_backend
     scorer = inception = None
     if args.random_nets:
@@ -207,13 +226,23 @@ def _evaluate(args) -> int:
         _, gen_u, w_u, _ = _load_run(Path(d), renderer, device, notes)
         diversity.append((gen_u, w_u))
 
-    result = evaluate(
-        source, unlearned, w_source=w_source, scorer=scorer, inception=inception, others=others,
-        num_fid_samples=args.samples, real_features=args.real_features, preserve_samples=args.preserve,
-        diversity_generators=diversity, align=align, batch_size=batch_size, seed=args.seed, device=device,
-        out_dir=out, run_report=report, fid_method=args.fid_method, precision=args.precision, verbose=not args.quiet,
-        notes=notes,
-    )
+    if in_run:
+        earlier = [name for name in EVAL_FILES if (out / name).exists()]
+        if earlier and not args.overwrite:
+            raise InputError(f"{'--out' if args.out else '--run'} {out} already holds an evaluation "
+                             f"({', '.join(earlier)}); pass --overwrite to replace it (the run's own files are "
+                             f"kept), or write this one elsewhere with --out DIR")
+        staging = staged_folder(out, flag="--out" if args.out else "--run", replace=EVAL_FILES)
+    else:
+        staging = staged_folder(out, flag="--out", overwrite=args.overwrite)
+    with staging as stage:  # the files appear together once all are written
+        result = evaluate(
+            source, unlearned, w_source=w_source, scorer=scorer, inception=inception, others=others,
+            num_fid_samples=args.samples, real_features=args.real_features, preserve_samples=args.preserve,
+            diversity_generators=diversity, align=align, batch_size=batch_size, seed=args.seed, device=device,
+            out_dir=stage, run_report=report, fid_method=args.fid_method, precision=args.precision,
+            verbose=not args.quiet, notes=notes,
+        )
     print(json.dumps(result["metrics"], indent=2))
     for note in result["notes"]:
         print(f"note: {note}")

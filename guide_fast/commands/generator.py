@@ -8,7 +8,7 @@ def add_commands(sub) -> None:
     p = sub.add_parser("convert", help="convert an official EG3D pickle to guide-fast's safetensors format "
                        "(no code from the pickle is executed)")
     p.add_argument("src", help="EG3D network pickle (e.g. ffhqrebalanced512-128.pkl) or a guide-fast .safetensors")
-    p.add_argument("dst", help="output .safetensors path")
+    p.add_argument("dst", help="output .safetensors path (replaced if it exists; written atomically)")
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("render", help="render a generator from several yaws into a PNG grid")
@@ -16,15 +16,18 @@ def add_commands(sub) -> None:
                    help="checkpoint path, or a built-in preset name with random weights ('tiny', 'ffhq512-128')")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated latent seeds (one row each)")
     p.add_argument("--views", type=int, default=5, help="number of yaws in [-pi/12, pi/12]")
-    p.add_argument("--out", default="render.png", help="output PNG")
-    p.add_argument("--renderer", choices=["reference", "triton"], default="reference")
-    p.add_argument("--device", default=None)
+    p.add_argument("--out", default="render.png", help="output image: .png (default render.png), .jpg, .webp, ...")
+    p.add_argument("--renderer", choices=["reference", "triton"], default="reference",
+                   help="tri-plane renderer (triton needs a CUDA device)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.set_defaults(func=_render)
 
 
 def _convert(args) -> int:
     from ..checkpoints import convert, load_generator, state_fingerprint
+    from ..io import check_output_path
 
+    check_output_path(args.dst, "file", "DST", suffixes=[".safetensors"])
     out = convert(args.src, args.dst)
     gen = load_generator(out)
     print(f"wrote {out} (source sha256 {gen.source_sha256[:16]}…, weights fingerprint {state_fingerprint(gen)[:16]}…)")
@@ -66,16 +69,18 @@ def _render(args) -> int:
 
     from .. import cameras
     from ..errors import InputError
-    from ..io import save_image
+    from ..io import check_output_path, save_image
+    from ._common import check_renderer, parse_seed_list, resolve_device
 
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise InputError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
-    if not seeds or args.views < 1:
-        raise InputError("need at least one seed and one view")
-    gen, random_weights = resolve_generator(args.generator, args.renderer, args.device)
-    device = next(gen.parameters()).device
+    seeds = parse_seed_list(args.seeds, "--seeds")
+    if not seeds:
+        raise InputError("--seeds: need at least one seed")
+    if args.views < 1:
+        raise InputError(f"--views must be >= 1, got {args.views}")
+    check_output_path(args.out, "file", "--out", image=True)
+    device = resolve_device(args.device)
+    check_renderer(args.renderer, device)
+    gen, random_weights = resolve_generator(args.generator, args.renderer, device)
     z = torch.stack([torch.randn(gen.config.z_dim, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
     ws = gen.mapping(z, cameras.frontal_label(len(seeds), device=device))
     yaws = torch.linspace(-math.pi / 12, math.pi / 12, args.views).tolist()

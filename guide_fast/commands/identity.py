@@ -22,7 +22,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--onnx", required=True, help="output .onnx file")
     p.add_argument("--tensorrt", default=None, metavar="PLAN", help="also build a TensorRT fp16 engine and write it here")
     p.add_argument("--max-batch", type=int, default=64, help="largest batch of the TensorRT engine (default 64)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--opset", type=int, default=17,
+                   help="ONNX opset (default 17): 9-20 with the legacy/auto exporter, 18-23 with dynamo (the "
+                        "range of the installed torch.onnx is checked before the export)")
     p.add_argument("--exporter", choices=("auto", "legacy", "dynamo"), default="auto",
                    help="torch.onnx exporter (default: legacy where available, else dynamo)")
     p.set_defaults(func=_export_identity)
@@ -34,23 +36,60 @@ def add_commands(subparsers) -> None:
         "Inception, GOAE, ...), report found / valid / invalid / missing and where it comes from. Exit code 0.",
     )
     w.add_argument("--dir", required=True, help="folder holding the weight files")
-    w.add_argument("--json", default=None, help="also write the report as JSON here")
+    w.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON to this file")
     w.add_argument("--no-fallbacks", action="store_true",
                    help="look only in --dir (not in the lpips package or the torch hub cache)")
     w.set_defaults(func=_weights)
 
 
+# Opsets torch.onnx can write, when torch.onnx._constants does not say (torch 2.x values).
+LEGACY_OPSETS = (9, 20)   # TorchScript exporter: ONNX_BASE_OPSET .. ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+DYNAMO_OPSETS = (18, 23)  # torch.export-based exporter: its minimum 18 .. ONNX_MAX_OPSET
+
+
+def opset_range(exporter: str) -> tuple[int, int]:
+    """(lowest, highest) opset the chosen exporter of the installed torch writes."""
+    legacy, dynamo = LEGACY_OPSETS, DYNAMO_OPSETS
+    try:
+        from torch.onnx import _constants as c
+
+        legacy = (c.ONNX_BASE_OPSET, getattr(c, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", c.ONNX_MAX_OPSET))
+        dynamo = (max(18, c.ONNX_BASE_OPSET), c.ONNX_MAX_OPSET)
+    except (ImportError, AttributeError):
+        pass
+    return dynamo if exporter == "dynamo" else legacy
+
+
+def check_opset(opset: int, exporter: str) -> None:
+    from ..errors import InputError
+
+    lo, hi = opset_range(exporter)
+    if not lo <= opset <= hi:
+        raise InputError(f"--opset {opset} is out of range: the {exporter} exporter of this torch writes opsets "
+                         f"{lo} to {hi}" + (" (with --exporter dynamo: {} to {})".format(*opset_range("dynamo"))
+                                            if exporter != "dynamo" else ""))
+
+
 def _export_identity(args) -> int:
     from ..identity.backbones import DESCRIPTIONS, load_backbone
     from ..identity.onnx_export import compare_with_torch, export_onnx
-    from ..io import atomic_path
+    from ..io import atomic_path, check_output_path
 
+    if args.max_batch < 1:
+        raise GuideFastError(f"--max-batch must be >= 1, got {args.max_batch}")
+    check_opset(args.opset, args.exporter)
+    check_output_path(args.onnx, "file", "--onnx", suffixes=[".onnx"])
+    if args.tensorrt:
+        from ..errors import InputError
+
+        check_output_path(args.tensorrt, "file", "--tensorrt")
+        if Path(args.tensorrt).resolve() == Path(args.onnx).resolve():
+            raise InputError(f"--tensorrt {args.tensorrt} is the same file as --onnx; give the engine its own name "
+                             "(e.g. ir101.plan)")
     if args.tensorrt:
         from ..identity.tensorrt_backend import require_tensorrt
 
         require_tensorrt()  # fail before the (slow) export, naming what is missing
-    if args.max_batch < 1:
-        raise GuideFastError(f"--max-batch must be >= 1, got {args.max_batch}")
     backbone = load_backbone(args.weights, device="cpu")
     print(f"loaded {DESCRIPTIONS[backbone.kind]} from {args.weights}")
     out = Path(args.onnx)
@@ -71,8 +110,11 @@ def _export_identity(args) -> int:
 
 
 def _weights(args) -> int:
-    from ..io import write_json
+    from ..io import check_output_path, write_json
     from ..weights import check_dir, format_report
+
+    if args.json:
+        check_output_path(args.json, "file", "--json")
 
     statuses = check_dir(args.dir, use_fallbacks=not args.no_fallbacks)
     print(format_report(statuses))

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ._common import check_positive, check_precision, check_renderer, resolve_device, seed_type
+
 DEMO_ITERATIONS = 24
+DEMO_OUT = "demo_out"
 
 
 def add_commands(sub) -> None:
@@ -15,7 +18,7 @@ def add_commands(sub) -> None:
                    help="EG3D checkpoint (official .pkl or guide-fast .safetensors), or a preset name "
                         "('tiny', 'ffhq512-128') for random weights")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--seed", type=int, nargs="+", help="identity seed(s): z ~ N(0, I) mapped with a frontal camera")
+    src.add_argument("--seed", type=seed_type(), nargs="+", help="identity seed(s): z ~ N(0, I) mapped with a frontal camera")
     src.add_argument("--latent", help="W+ latents file (.pt, .safetensors or .npy): [N, num_ws, w_dim], [num_ws, w_dim] or [w_dim]")
     src.add_argument("--image", nargs="+", help="photo(s) of the person(s) to forget (aligned and inverted first)")
     p.add_argument("--others", help="folder of other photos of the same person: aligned and inverted too, and "
@@ -29,19 +32,25 @@ def add_commands(sub) -> None:
                                             "(CurricularFace IR-101 or IR-SE50 file)")
     p.add_argument("--align", choices=["mtcnn", "crop"], default="mtcnn",
                    help="face preprocessing for the report's similarity (default mtcnn, as GUIDE's evaluation)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (a new or empty one; see --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the contents of an --out folder that already holds files (an earlier run) as a whole")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--fast", dest="path", action="store_const", const="fast", help="fast loop (default)")
     mode.add_argument("--reference", dest="path", action="store_const", const="reference",
                       help="reference loop: eager fp32, batch 1, the official order of operations")
     p.set_defaults(path="fast")
     p.add_argument("--iters", type=int, default=1000, help="optimisation steps (paper: 1000)")
-    p.add_argument("--target", choices=["extra", "average"], default="extra", help="UFO target (paper) or average face")
-    p.add_argument("--baseline", action="store_true", help="the README baseline: average target, local loss only")
+    p.add_argument("--target", choices=["extra", "average"], default=None,
+                   help="UFO target: extra (the paper's extrapolated face; the default) or average (the average face)")
+    p.add_argument("--baseline", action="store_true",
+                   help="the README baseline: average-face target, local loss only (not with --target extra)")
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--run-seed", type=int, default=0, help="seed of the run's random draws")
-    p.add_argument("--renderer", choices=["auto", "reference", "triton"], default="auto")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--run-seed", type=seed_type(), default=0, help="seed of the run's random draws (0 <= seed < 2**63)")
+    p.add_argument("--renderer", choices=["auto", "reference", "triton"], default="auto",
+                   help="tri-plane renderer (auto: triton on CUDA for the fast path, else reference; triton needs CUDA)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 on CUDA for the fast path, else fp32; bf16 needs CUDA and the fast path")
     p.add_argument("--no-graph", action="store_true", help="do not capture the step in a CUDA graph")
     p.add_argument("--upsample-conv", choices=["auto", "reference", "folded"], default="auto",
                    help="2x up-convolutions: FIR folded into the kernel (auto: on the fast path) or the official two passes")
@@ -58,26 +67,38 @@ def add_commands(sub) -> None:
     p.set_defaults(func=_unlearn)
 
     p = sub.add_parser("demo", help="the whole pipeline on the built-in tiny generator with RANDOM weights (CPU, < 2 min)")
-    p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-    p.add_argument("--iters", type=int, default=DEMO_ITERATIONS)
-    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None,
+                   help=f"output folder (default {DEMO_OUT}: replaced when it holds an earlier demo run; another "
+                        "folder must be new or empty, or see --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the contents of an --out folder that already holds files")
+    p.add_argument("--iters", type=int, default=DEMO_ITERATIONS, help=f"optimisation steps (default {DEMO_ITERATIONS})")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.set_defaults(func=_demo)
 
 
-def _device(spec):
-    import torch
-
+def check_unlearn_flags(args, device) -> None:
+    """Conflicts between flags, named as flags, before anything is built (the engine's own
+    messages name UnlearnConfig fields)."""
     from ..errors import InputError
 
-    if spec is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise InputError(f"--device {spec!r} is not a device name (try cuda, cuda:0 or cpu)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA device is available")
-    return dev
+    check_positive(args.iters, "--iters")
+    if not args.lr > 0 or args.lr == float("inf"):
+        raise InputError(f"--lr must be a positive number, got {args.lr}")
+    if args.baseline and args.target == "extra":
+        raise InputError("--baseline is defined by the average-face target (and the local loss only); "
+                         "--target extra contradicts it: drop --baseline for GUIDE's extrapolated target, "
+                         "or drop --target")
+    check_renderer(args.renderer, device)
+    check_precision(args.precision, device)
+    if args.path == "reference":
+        fast_only = [flag for flag, on in (("--precision bf16", args.precision == "bf16"),
+                                           ("--upsample-conv folded", args.upsample_conv == "folded"),
+                                           ("--channels-last", args.channels_last)) if on]
+        if fast_only:
+            raise InputError(f"--reference runs the official operators in fp32; {' and '.join(fast_only)} "
+                             f"{'is a fast-path option' if len(fast_only) == 1 else 'are fast-path options'} "
+                             f"(drop {'it' if len(fast_only) == 1 else 'them'}, or leave --reference out)")
 
 
 def load_latents(path, gen):
@@ -111,20 +132,21 @@ def build_loss_networks(args, device, random_nets: bool):
 def _unlearn(args) -> int:
     import torch
 
-    from ..errors import InputError
+    from ..io import check_output_path
     from ..unlearn.config import UnlearnConfig
     from ..unlearn.engine import Unlearner
     from .generator import resolve_generator
 
-    if args.iters < 1:
-        raise InputError(f"--iters must be >= 1, got {args.iters}")
-    device = _device(args.device)
+    device = resolve_device(args.device)
+    check_unlearn_flags(args, device)
+    if args.image is not None or args.others:
+        check_positive(args.invert_steps, "--invert-steps")
+    # the output folder is checked before any work (it is written only at the very end)
+    check_output_path(args.out, "folder", "--out", overwrite=args.overwrite)
     photos, others = None, None
     if args.image is not None:
         from ..invert import prepare_photos
 
-        if args.invert_steps < 1:
-            raise InputError(f"--invert-steps must be >= 1, got {args.invert_steps}")
         # Photos are read and aligned before any network is built: a bad photo fails in seconds.
         photos = prepare_photos(args.image, align=not args.pre_aligned, index=args.face_index, strict=args.strict,
                                 device=device)
@@ -137,10 +159,12 @@ def _unlearn(args) -> int:
         others = {"folder": str(args.others), "photos": [p.name for p in files]}
     gen, random_gen = resolve_generator(args.generator, device=device)
     id_loss, lpips = build_loss_networks(args, device, args.random_nets)
-    cfg_kwargs = dict(iterations=args.iters, lr=args.lr, target=args.target, path=args.path, renderer=args.renderer,
+    cfg_kwargs = dict(iterations=args.iters, lr=args.lr, path=args.path, renderer=args.renderer,
                       precision=args.precision, cuda_graph=not args.no_graph, seed=args.run_seed,
                       upsample_conv=args.upsample_conv,
                       memory_format="channels_last" if args.channels_last else "contiguous")
+    if args.target is not None:  # else: the config's own target (extra; average for the baseline)
+        cfg_kwargs["target"] = args.target
     cfg = UnlearnConfig.baseline(**cfg_kwargs) if args.baseline else UnlearnConfig(**cfg_kwargs)
     scorer = _scorer(args, device)
     unl = Unlearner(gen, id_loss, lpips, cfg)
@@ -171,7 +195,7 @@ def _unlearn(args) -> int:
         others["inverted"] = [r.summary() for r in inverted]
     extra = {"others": others} if others else None
     out = result.save(args.out, generator_spec=args.generator, random_weights=random_gen or args.random_nets,
-                      scorer=scorer, extra=extra)
+                      scorer=scorer, extra=extra, overwrite=args.overwrite)
     _print_summary(result, out, random_gen or args.random_nets)
     return 0
 
@@ -207,7 +231,12 @@ def _demo(args) -> int:
     from ..unlearn.config import UnlearnConfig
     from ..unlearn.engine import Unlearner
 
-    device = _device(args.device)
+    from ..io import check_output_path
+
+    device = resolve_device(args.device)
+    check_positive(args.iters, "--iters")
+    out_dir, overwrite = _demo_out(args)
+    check_output_path(out_dir, "folder", "--out", overwrite=overwrite)
     print("guide-fast demo: GUIDE unlearning on the built-in 'tiny' EG3D generator.")
     print("  RANDOM WEIGHTS: generator, ArcFace IR-SE50 and LPIPS-VGG are randomly initialised; the run exercises the")
     print("  whole pipeline (UFO target, local + adjacency + global losses, Adam on backbone.synthesis) but forgets")
@@ -218,9 +247,26 @@ def _demo(args) -> int:
     cfg = UnlearnConfig(iterations=args.iters, lr=1e-3, seed=0, eval_views=5)
     result = Unlearner(gen, id_loss, lpips, cfg).unlearn(seeds=[7], progress=True)
     scorer = IdentityScorer(build_backbone("ir101", seed=1), backend="torch", device=device, align="crop")
-    out = result.save(args.out, generator_spec="tiny", random_weights=True, scorer=scorer,
+    out = result.save(out_dir, overwrite=overwrite, generator_spec="tiny", random_weights=True, scorer=scorer,
                       extra={"demo": {"lr_note": "lr 1e-3 (paper: 1e-4) so that a few demo steps visibly move the "
                                                  "generator", "iterations": args.iters}})
     _print_summary(result, out, True)
     return 0
 
+
+
+def _demo_out(args):
+    """(folder, overwrite). The demo's own folder demo_out/ (the default, also as `--out demo_out`,
+    which `make demo` passes) is replaced when it holds an earlier demo run, so the demo can run
+    again; holding anything else it is refused like any output folder. Another --out follows the
+    rule of `unlearn --out`: a new or empty folder, or --overwrite."""
+    import json
+
+    out = Path(args.out if args.out is not None else DEMO_OUT)
+    if args.overwrite or out.resolve() != Path(DEMO_OUT).resolve():
+        return out, args.overwrite
+    try:
+        earlier_demo = "demo" in json.loads((out / "report.json").read_text())
+    except (OSError, ValueError, TypeError):
+        earlier_demo = False
+    return out, earlier_demo

@@ -1,15 +1,14 @@
 """Writing an unlearning run to disk: checkpoint, delta, latents, report.json, grid.png.
 
-Everything is written into a staging folder beside the output folder and moved in file by file
-(each move atomic), report.json last: an interrupted save never leaves a half-written file, and a
-folder without report.json is recognisably incomplete.
+Everything is written into a staging folder beside the output folder, which then becomes the
+output folder as a whole (guide_fast.io.staged_folder): an interrupted save never leaves a
+half-written folder, and an earlier run's files never stay beside the new ones. An output folder
+that already holds files is refused unless overwrite=True.
 """
 from __future__ import annotations
 
 import os
 import platform
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -112,16 +111,20 @@ def build_report(result, generator_spec=None, random_weights: bool = False, scor
     return report
 
 
-def save_result(result, out_dir, generator_spec=None, random_weights: bool = False, scorer=None, extra=None) -> Path:
+def save_result(result, out_dir, generator_spec=None, random_weights: bool = False, scorer=None, extra=None,
+                overwrite: bool = False) -> Path:
+    """Write the run to out_dir as a whole (io.staged_folder): a new or empty folder, or with
+    overwrite=True an earlier run's folder, whose old contents are then replaced entirely (no
+    stale file of the earlier run stays). A folder that holds files is refused otherwise."""
     from safetensors.torch import save_file
 
     from ..checkpoints import save_delta, save_generator
+    from ..io import check_output_path, staged_folder
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_output_path(out_dir, "folder", flag=None, overwrite=overwrite)  # before the report's scoring
     report = build_report(result, generator_spec, random_weights, scorer, extra)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir, overwrite=overwrite) as stage:
         save_generator(result.generator, stage / "generator.safetensors",
                        source_sha256=getattr(result.source, "source_sha256", None))
         save_delta(result.source, result.generator, stage / "delta.safetensors",
@@ -135,9 +138,4 @@ def save_result(result, out_dir, generator_spec=None, random_weights: bool = Fal
         for i, inverted in enumerate(result.inversion or []):
             inverted.save_images(stage, prefix=f"identity{i}_")  # aligned crop + reconstruction
         write_json(stage / "report.json", report)
-        names = [p.name for p in stage.iterdir() if p.name != "report.json"] + ["report.json"]
-        for name in names:
-            os.replace(stage / name, out_dir / name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     return out_dir

@@ -1,0 +1,92 @@
+"""Checks shared by the subcommands: devices, seeds, flag conflicts. Each raises InputError (or,
+as an argparse type, ArgumentTypeError) with a message that names the flag, so the CLI exits 2
+with one line instead of a traceback from deep inside torch. Nothing heavy is imported at module
+level (`guide-fast --help` stays fast)."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..errors import InputError
+
+SEED_LIMIT = 2 ** 63  # torch.Generator.manual_seed / torch.manual_seed take a signed 64-bit seed
+
+
+def seed_type(limit: int = SEED_LIMIT, what: str = "seed"):
+    """argparse type: an integer 0 <= seed < limit."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer {what}, got {text!r}") from None
+        if not 0 <= value < limit:
+            raise argparse.ArgumentTypeError(f"{what} {text} is out of range; expected 0 <= {what} < {_power(limit)}")
+        return value
+
+    parse.__name__ = "seed"
+    return parse
+
+
+def _power(limit: int) -> str:
+    n = limit.bit_length() - 1
+    return f"2**{n} ({limit})" if limit == 1 << n else str(limit)
+
+
+def parse_seed_list(text: str, flag: str, limit: int = SEED_LIMIT) -> list[int]:
+    """'0,1,2' -> [0, 1, 2], each in range; InputError naming the flag otherwise."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise InputError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    bad = [s for s in seeds if not 0 <= s < limit]
+    if bad:
+        raise InputError(f"{flag}: seed {bad[0]} is out of range; expected 0 <= seed < {_power(limit)}")
+    return seeds
+
+
+def resolve_device(spec, flag: str = "--device"):
+    """--device value -> torch.device: cpu, cuda or cuda:N (default: cuda when available).
+
+    Refuses names torch does not know (gpu), device types guide-fast does not run on (mps, xpu,
+    meta, ...), CUDA when there is none, and CUDA indices past the last device."""
+    import torch
+
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(str(spec).strip())
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError(f"{flag} {spec!r} is not a device name; expected cpu, cuda or cuda:N (e.g. cuda:0)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"{flag} {spec!r}: guide-fast runs on cpu or cuda, not {dev.type}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch was built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise InputError(f"{flag} {spec} was asked for but {why}; use --device cpu (or leave --device out)")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise InputError(f"{flag} {spec}: there {'is' if count == 1 else 'are'} only {count} CUDA device(s) "
+                             f"(cuda:0 to cuda:{count - 1})")
+    return dev
+
+
+def triton_usable(device) -> bool:
+    """The fused renderer runs on CUDA, or anywhere under the Triton interpreter (testing)."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_renderer(renderer: str, device, flag: str = "--renderer") -> None:
+    if renderer == "triton" and not triton_usable(device):
+        raise InputError(f"{flag} triton needs a CUDA device (the device is {device}); use {flag} reference "
+                         f"or leave {flag} out")
+
+
+def check_precision(precision: str, device, flag: str = "--precision") -> None:
+    if precision == "bf16" and device.type != "cuda":
+        raise InputError(f"{flag} bf16 needs a CUDA device (the device is {device}); use {flag} fp32")
+
+
+def check_positive(value, flag: str, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise InputError(f"{flag} must be >= {minimum}, got {value}")
