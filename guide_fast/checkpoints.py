@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError, GuideFastError, InputError, describe_state_mismatch
-from .io import atomic_path
+from .io import atomic_path, short_list
 
 GENERATOR_FORMAT = "guide-fast/generator"
 DELTA_FORMAT = "guide-fast/delta"
@@ -347,15 +347,21 @@ def _load_safetensors_generator(path: Path, renderer: str):
     return gen
 
 
-def save_generator(gen, path, source_sha256: str | None = None) -> Path:
-    """Write the generator as one safetensors file (config and provenance in its metadata)."""
+def _write_safetensors(path, tensors, meta: dict, what: str) -> None:
+    """Atomically write tensors + metadata; never a file holding non-finite weights."""
     from safetensors.torch import save_file
 
+    non_finite = describe_non_finite(tensors)
+    if non_finite:
+        raise GuideFastError(f"refusing to write {path}: {what} has {non_finite}")
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def save_generator(gen, path, source_sha256: str | None = None) -> Path:
+    """Write the generator as one safetensors file (config and provenance in its metadata)."""
     path = Path(path)
     state = OrderedDict((k, v.detach().to("cpu").contiguous().clone()) for k, v in gen.state_dict().items())
-    non_finite = describe_non_finite(state)
-    if non_finite:
-        raise GuideFastError(f"refusing to write {path}: the generator has {non_finite}")
     meta = {
         "format": GENERATOR_FORMAT,
         "format_version": FORMAT_VERSION,
@@ -363,8 +369,7 @@ def save_generator(gen, path, source_sha256: str | None = None) -> Path:
         "neural_rendering_resolution": str(gen.neural_rendering_resolution),
         "source_sha256": source_sha256 or getattr(gen, "source_sha256", None) or "",
     }
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
+    _write_safetensors(path, state, meta, "the generator")
     return path
 
 
@@ -430,11 +435,6 @@ def read_npy_file(path, what: str = "file", mmap: bool = False) -> np.ndarray:
         raise CheckpointError(f"{what} {path}: unreadable .npy file (truncated?): {_first_line(exc)}") from None
 
 
-def _some(names, limit: int = 8) -> str:
-    names = sorted(map(str, names))
-    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
-
-
 # --------------------------------------------------------------------------- latent files
 LATENT_KEYS = ("w_source", "w_u", "w", "ws", "latents", "latent", "w_plus")
 
@@ -456,7 +456,7 @@ def load_latents(path, what: str = "latent file", key: str | None = None) -> tor
         tensors = {k: v for k, v in obj.items() if torch.is_tensor(v)}
         if key is not None:
             if key not in tensors:
-                raise CheckpointError(f"{what} {path} has no tensor {key!r} (file has {_some(obj)})")
+                raise CheckpointError(f"{what} {path} has no tensor {key!r} (file has {short_list(obj, 8)})")
             found = key
         else:
             found = next((k for k in LATENT_KEYS if k in tensors), None)
@@ -464,7 +464,7 @@ def load_latents(path, what: str = "latent file", key: str | None = None) -> tor
                 found = next(iter(tensors))
         if found is None:
             raise CheckpointError(f"{what} {path}: no latent tensor found (looked for {', '.join(LATENT_KEYS)}; "
-                                  f"file has {_some(obj)})")
+                                  f"file has {short_list(obj, 8)})")
         obj = tensors[found]
     if not torch.is_tensor(obj):
         raise CheckpointError(f"{what} {path} holds a {type(obj).__name__}, not a tensor")
@@ -487,12 +487,7 @@ def compute_delta(source, unlearned) -> "OrderedDict[str, torch.Tensor]":
 def save_delta(source, unlearned, path, extra: dict | None = None) -> Path:
     """Safetensors of the synthesis-weight differences, tagged with the source's identity
     (file sha256 and content fingerprint) so a service can check before applying/reverting."""
-    from safetensors.torch import save_file
-
     delta = compute_delta(source, unlearned)
-    non_finite = describe_non_finite(delta)
-    if non_finite:
-        raise GuideFastError(f"refusing to write {path}: the weight delta has {non_finite}")
     meta = {
         "format": DELTA_FORMAT,
         "format_version": FORMAT_VERSION,
@@ -502,8 +497,7 @@ def save_delta(source, unlearned, path, extra: dict | None = None) -> Path:
     }
     for k, v in (extra or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v)
-    with atomic_path(path) as tmp:
-        save_file(delta, str(tmp), metadata=meta)
+    _write_safetensors(path, delta, meta, "the weight delta")
     return Path(path)
 
 

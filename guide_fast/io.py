@@ -87,7 +87,9 @@ def folder_entries(path) -> list[str]:
     return sorted(p.name for p in path.iterdir())
 
 
-def _list(names, limit: int = 4) -> str:
+def short_list(names, limit: int = 4) -> str:
+    """'a, b, c, ... (N in all)': names for a message, sorted, at most `limit` of them."""
+    names = sorted(map(str, names))
     more = f", ... ({len(names)} in all)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
 
@@ -129,7 +131,7 @@ def check_output_path(path, kind: str = "file", flag: str | None = "--out", *, o
         entries = [] if keep_contents else folder_entries(p)
         if entries and not overwrite:
             how = "pass --overwrite" if flag else "pass overwrite=True"
-            raise InputError(f"{label} already holds files ({_list(entries)}); choose another folder or {how} "
+            raise InputError(f"{label} already holds files ({short_list(entries)}); choose another folder or {how} "
                              f"to replace its contents")
         if entries:
             _check_replaceable(p, label)
