@@ -91,13 +91,8 @@ def main(argv=None) -> int:
     nets = build(preset, device)
     results = {}
 
-    class _Rows(list):
-        # Each row is written as soon as it exists: a suite stopped at its time limit keeps what ran.
-        def append(self, row):
-            super().append(row)
-            write_rows([row])
-
-    rows = _Rows()
+    def emit(row):  # written at once: a suite stopped at its time limit keeps what ran
+        write_rows([row])
 
     def describe(res):
         return (f"upsample_conv={res['upsample_conv']}; memory_format={res['memory_format']}; "
@@ -106,13 +101,13 @@ def main(argv=None) -> int:
     def record(what, path, n, dtype, res=None, extra="", error=None):
         shape = f"N={n} {preset}"
         if error is not None:
-            rows.append(make_row("unlearn", what, path=path, shape=shape, dtype=dtype, extra=f"ERROR: {error}", device=device))
+            emit(make_row("unlearn", what, path=path, shape=shape, dtype=dtype, extra=f"ERROR: {error}", device=device))
             return
         ex = f"setup_s={res['setup_s']:.2f}; renderer={res['renderer']}; graph={res['graph']}"
         if res.get("capture_s"):
             ex += f"; capture_s={res['capture_s']:.2f}"
         ex += f"; per_identity_ms={res['timing']['median_ms'] / n:.1f}" + (f"; {extra}" if extra else "")
-        rows.append(make_row("unlearn", what, path=path, shape=shape, dtype=dtype, timing=res["timing"],
+        emit(make_row("unlearn", what, path=path, shape=shape, dtype=dtype, timing=res["timing"],
                              peak_mb=res["peak_mb"], extra=ex, device=device))
 
     def run(key, what, path, n, cfg_kwargs, steps, dtype):
@@ -166,7 +161,7 @@ def main(argv=None) -> int:
             res = Unlearner(gen, id_loss, lpips, UnlearnConfig(**best)).unlearn(seeds=[0], render=False)
             wall = time.perf_counter() - t0
             t = res.timings
-            rows.append(make_row(
+            emit(make_row(
                 "unlearn", "full run (1000 steps, 1 identity)", path="fast", shape=f"N=1 {preset}", dtype=fast_dtype,
                 timing={"median_ms": wall * 1e3}, peak_mb=peak_memory_mb(device),
                 extra=(f"wall_s={wall:.1f}; loop_s={t['loop_s']:.1f}; setup_s={t['setup_s']:.1f}; "
@@ -176,11 +171,11 @@ def main(argv=None) -> int:
                 device=device))
         except Exception as exc:
             traceback.print_exc()
-            rows.append(make_row("unlearn", "full run (1000 steps, 1 identity)", path="fast", shape=f"N=1 {preset}",
+            emit(make_row("unlearn", "full run (1000 steps, 1 identity)", path="fast", shape=f"N=1 {preset}",
                                  dtype=fast_dtype, extra=f"ERROR: {type(exc).__name__}: {exc}"[:300], device=device))
     elif gpu:
         est = fast1["timing"]["median_ms"] if fast1 else float("nan")
-        rows.append(make_row("unlearn", "full run (1000 steps, 1 identity)", path="fast", shape=f"N=1 {preset}",
+        emit(make_row("unlearn", "full run (1000 steps, 1 identity)", path="fast", shape=f"N=1 {preset}",
                              dtype=fast_dtype, extra=f"NOT RUN (time budget); estimate from the step time: "
                                                      f"{est:.1f} s + setup", device=device))
     for n in ns:

@@ -45,17 +45,10 @@ class _ProfilerRanges:
         self.stack.pop().__exit__(None, None, None)
 
 
-def _time(fn, reps=10):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps
+def _time(fn) -> float:
+    from benchmarks.common import time_fn
+
+    return time_fn(fn, warmup=3, repeats=10)["median_ms"]
 
 
 def memory_format_ab(gen, lpips, batch=5):
