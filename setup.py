@@ -3,7 +3,7 @@
 torch is declared without a version pin on purpose: GPU users bring their own CUDA build
 (2.4 or newer). The Makefile pins torch for the project's own CPU development machines only.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="guide-fast",
@@ -11,14 +11,7 @@ setup(
     description="GUIDE (Generative Unlearning for Any Identity) for EG3D: Triton kernels, "
     "CUDA-graph fine-tuning, identity scoring, evaluation.",
     python_requires=">=3.10",
-    packages=[
-        "guide_fast",
-        "guide_fast.eg3d",
-        "guide_fast.identity",
-        "guide_fast.unlearn",
-        "guide_fast.commands",
-        "guide_fast.kernels",
-    ],
+    packages=find_packages(include=["guide_fast", "guide_fast.*"]) + ["guide_fast.kernels"],
     # The Triton kernels live in the top-level kernels/ folder of the repository but are
     # installed as guide_fast.kernels: a top-level import name `kernels` collides with an
     # existing PyPI package.
