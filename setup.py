@@ -26,6 +26,8 @@ setup(
         "onnx",
         "onnxruntime",
         "nvtx",
+        # GUIDE's ID-metric alignment warps with cv2.warpAffine (fixed-point bilinear); the version GUIDE used
+        "opencv-python-headless>=4.5",
     ],
     extras_require={
         # torchvision: VGG16 / Inception architectures, and facenet-pytorch imports it.
