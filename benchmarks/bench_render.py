@@ -34,8 +34,8 @@ FLOOR_MS = (0.2, 0.5)  # analytic floor of the fused forward per image (performa
 
 def _inputs(batch, dtype, device, seed=0):
     from guide_fast import cameras
-    from guide_fast.eg3d.renderer import OSGDecoder, RenderOptions, sample_rays
-    from guide_fast.render import make_render_draws
+    from guide_fast.eg3d.networks import OSGDecoder
+    from guide_fast.render import RenderOptions, make_render_draws, sample_rays
 
     g = torch.Generator(device="cpu").manual_seed(seed)
     torch.manual_seed(seed)
@@ -56,9 +56,8 @@ def _render(backend, planes, decoder, origins, dirs, opts, draws, block_rays=Non
                                 validate=False)
     from guide_fast.kernels import fused_render
 
-    w = decoder.effective_params()
-    return fused_render(planes, *w, origins, dirs, draws["stratified"], draws["importance"], opts,
-                        block_rays=block_rays)
+    return fused_render(planes, decoder.effective_params(), origins, dirs, draws["stratified"], draws["importance"],
+                        opts, block_rays=block_rays)
 
 
 def saved_bytes(fn) -> int:

@@ -23,7 +23,7 @@ def log1p(y):
 
 @triton.jit
 def softplus(x):
-    """torch.nn.Softplus() (beta 1, threshold 20): x if x > 20 else log1p(exp(x)) (eg3d.md §4.3)."""
+    """torch.nn.Softplus() (beta 1, threshold 20): x if x > 20 else log1p(exp(x)) (docs/eg3d.md §4.3)."""
     safe = tl.minimum(x, 20.0)  # keeps exp finite in the branch that is thrown away
     return tl.where(x > 20.0, x, log1p(tl.exp(safe)))
 
@@ -56,7 +56,7 @@ def linspace_at(i, start, end, steps):
 
 @triton.jit
 def bilinear_corners(plane_ptr, u, v, rmask, C, PH, PW):
-    """Corner pointers, validity masks and weights of one bilinear lookup (eg3d.md §4.2).
+    """Corner pointers, validity masks and weights of one bilinear lookup (docs/eg3d.md §4.2).
 
     grid_sample with align_corners=False unnormalises u (width / columns) and v (height / rows)
     as ix = ((u + 1) W - 1) / 2. ix is clamped to [-2, W + 1] first: a point far outside the
@@ -119,7 +119,7 @@ def bilinear_scatter(grad_ptr, u, v, g, rmask, offs_c, cmask, C, PH, PW):
 def triplane_features(img_ptr, px, py, pz, rmask, offs_c, cmask, C, PH, PW):
     """Mean of the three planes' samples at points p (already scaled by 2/box_warp).
 
-    eg3d.md §4.1: plane 0 is (u, v) = (x, y), plane 1 (x, z), plane 2 (z, x) -- the released
+    docs/eg3d.md §4.1: plane 0 is (u, v) = (x, y), plane 1 (x, z), plane 2 (z, x) -- the released
     checkpoints' quirk, not (y, z). §4.3: the mean is the sum divided by 3.
     """
     plane_stride = PH * PW * C

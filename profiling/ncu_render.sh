@@ -28,6 +28,6 @@ mkdir -p "$(dirname "$out")"
   --kernel-name "${KERNEL:-regex:triplane_render_(forward|backward)_kernel}" \
   --launch-count "${LAUNCHES:-2}" --set "${NCU_SET:-full}" --import-source yes \
   ${NCU_EXTRA:-} --force-overwrite --export "$out" \
-  "${PYTHON:-python3}" profiling/profile_render.py "$@"
+  "${PYTHON:-python3}" -m profiling.profile_render "$@"
 "$ncu_bin" --import "$out.ncu-rep" --print-summary per-kernel | tee "$out.summary.txt"
 echo "wrote $out.ncu-rep and $out.summary.txt"

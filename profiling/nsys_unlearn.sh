@@ -28,7 +28,7 @@ mkdir -p "$(dirname "$out")"
   --cuda-graph-trace=node \
   --sample=none --cpuctxsw=none \
   --force-overwrite=true --output "$out" \
-  "${PYTHON:-python3}" profiling/profile_step.py "$@"
+  "${PYTHON:-python3}" -m profiling.profile_step "$@"
 # Report names of Nsight Systems 2023.2+; older releases call them nvtxsum / gpukernsum.
 "$nsys_bin" stats --force-export=true --format table \
   --report nvtx_sum --report nvtx_gpu_proj_sum --report cuda_gpu_kern_sum \

@@ -1,25 +1,20 @@
 """Run the fused tri-plane render kernels at FFHQ settings for Nsight Compute.
 
-Settings (eg3d.md §4.9, as benchmarks/bench_render.py): planes [B, 3, 32, 256, 256], 128x128
+Settings (docs/eg3d.md §4.9, as benchmarks/bench_render.py): planes [B, 3, 32, 256, 256], 128x128
 rays per image, 48 + 48 samples per ray, the FFHQ decoder (32 -> 64 -> 33). --warmup renders
 (Triton compilation and autotuning) run before torch.cuda.profiler.start(), so `ncu
 --profile-from-start off` sees only the measured launches, inside the NVTX range "render" (and
 "render_backward" with --backward).
 
-    python profiling/profile_render.py [--batch B] [--dtype fp32|bf16] [--backward] [--warmup W] [--repeats R]
+    python -m profiling.profile_render [--batch B] [--dtype fp32|bf16] [--backward] [--warmup W] [--repeats R]
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
+import torch
 
 RES = 128
 PLANE_RES = 256
@@ -47,8 +42,8 @@ def main(argv=None) -> int:
         print("profile_render.py needs a CUDA device (Nsight Compute profiles GPU kernels)", file=sys.stderr)
         return 2
     from guide_fast import cameras
-    from guide_fast.eg3d.renderer import OSGDecoder, RenderOptions, sample_rays
-    from guide_fast.render import make_render_draws, render_triplanes
+    from guide_fast.eg3d.networks import OSGDecoder
+    from guide_fast.render import RenderOptions, make_render_draws, render_triplanes, sample_rays
 
     device = torch.device("cuda")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32

@@ -8,9 +8,9 @@ capture range of `nsys profile --capture-range=cudaProfilerApi` and of `ncu --pr
 off`. The steady-state steps sit inside an NVTX range "steady_state", one "iteration_<i>" range per
 step; the engine's own per-phase ranges (see README.md) nest inside.
 
-    python profiling/profile_step.py [--preset ffhq512-128|tiny] [--generator CKPT] [--identities N]
+    python -m profiling.profile_step [--preset ffhq512-128|tiny] [--generator CKPT] [--identities N]
         [--warmup W] [--steps N] [--path fast|reference] [--no-cuda-graph] [--precision auto|fp32|bf16]
-    python profiling/profile_step.py --list-ranges    # print the NVTX ranges one step emits (any device)
+    python -m profiling.profile_step --list-ranges    # print the NVTX ranges one step emits (any device)
 """
 from __future__ import annotations
 
@@ -19,13 +19,8 @@ import contextlib
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
+import torch
 
 
 def _nvtx_range(name: str):

@@ -11,19 +11,14 @@ the phases), maps the engine's NVTX ranges onto profiler ranges, and prints
   3. an A/B of the memory format (NCHW vs channels_last) for the three conv networks at one
      step's batch (5 images), forward + backward, bf16 autocast.
 
-    python profiling/step_breakdown.py [--preset ffhq512-128] [--steps 3] [--no-ab]
+    python -m profiling.step_breakdown [--preset ffhq512-128] [--steps 3] [--no-ab]
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
+import torch
 
 PHASES = ("mapping", "backbone", "render", "superres", "lpips", "identity", "backward", "optimizer")
 

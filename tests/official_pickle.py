@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from guide_fast.eg3d import networks, renderer
+from guide_fast.eg3d import networks
 from guide_fast.eg3d.generator import TriPlaneGenerator
 
 FAKE_SOURCE = {
@@ -122,7 +122,7 @@ def _module_state(m: nn.Module, children: OrderedDict, easy, extra=None) -> dict
 def _convert(m: nn.Module, mods, gen_kwargs=None):
     easy = mods["dnnlib.util"].EasyDict
     children = OrderedDict((k, _convert(c, mods)) for k, c in m._modules.items())
-    if isinstance(m, renderer.OSGDecoder):
+    if isinstance(m, networks.OSGDecoder):
         obj = mods["training.triplane"].OSGDecoder()
         obj.__dict__.update(_module_state(m, children, easy))
         return obj

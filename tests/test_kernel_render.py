@@ -15,15 +15,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from guide_fast.eg3d.renderer import OSGDecoder, RenderOptions, render_reference
+from guide_fast.eg3d.networks import OSGDecoder
 from guide_fast.errors import GuideFastError, InputError
-from guide_fast.render import make_render_draws, render_triplanes
+from guide_fast.render import DecoderWeights, RenderOptions, make_render_draws, render_reference, render_triplanes
 
 kernels = pytest.importorskip("guide_fast.kernels")
 from guide_fast.kernels import fused_render  # noqa: E402
 from guide_fast.kernels import triplane_render as tr  # noqa: E402
 
 TINY = dict(c=8, hid=16, f=8, res=32)  # the "tiny" preset's decoder and planes
+ODD = dict(c=6, hid=12, f=5, res=20)  # no power of two: the masks on C, HID and F (and the texel rows) are live
 FFHQ = dict(c=32, hid=64, f=32, res=256)  # the FFHQ checkpoint's
 
 
@@ -55,17 +56,16 @@ def run_reference(case, planes=None, with_depth_grad=True, seed=1):
     """Reference outputs and gradients (planes, decoder parameters) under a random upstream gradient."""
     planes = (case["planes"] if planes is None else planes).detach().clone().requires_grad_(True)
     decoder = copy.deepcopy(case["decoder"]).requires_grad_(True)
-    outs = render_reference(planes, decoder, case["ray_origins"], case["ray_directions"], case["options"],
-                            case["stratified"], case["importance"])
+    outs = render_reference(planes, decoder.effective_params(), case["ray_origins"], case["ray_directions"],
+                            case["stratified"], case["importance"], case["options"])
     return _backward(outs, planes, decoder, with_depth_grad, seed)
 
 
 def run_fused(case, planes=None, with_depth_grad=True, seed=1, block_rays=None):
     planes = (case["planes"] if planes is None else planes).detach().clone().requires_grad_(True)
     decoder = copy.deepcopy(case["decoder"]).requires_grad_(True)
-    w0, b0, w1, b1 = decoder.effective_params()
-    outs = fused_render(planes, w0, b0, w1, b1, case["ray_origins"], case["ray_directions"], case["stratified"],
-                        case["importance"], case["options"], block_rays=block_rays)
+    outs = fused_render(planes, decoder.effective_params(), case["ray_origins"], case["ray_directions"],
+                        case["stratified"], case["importance"], case["options"], block_rays=block_rays)
     return _backward(outs, planes, decoder, with_depth_grad, seed)
 
 
@@ -117,8 +117,9 @@ def assert_close(got: dict, ref: dict, rtol_fwd=1e-4, rtol_grad=2e-4):
         (3, 37, TINY, 12, 12, 16),
         (1, 130, TINY, 12, 12, None),  # default block: one 256-ray block interpreted, 8 + 1 partial on a GPU
         (1, 24, FFHQ, 48, 48, None),  # the FFHQ decoder, 256^2 x 32 planes and 48 + 48 samples
+        (2, 23, ODD, 11, 7, 16),  # C=6, HID=12, F=5, 20x20 planes, S=11, S_imp=7: every padding mask runs
     ],
-    ids=["tiny-n3-r37-b16", "tiny-n1-r130", "ffhq-n1-r24"],
+    ids=["tiny-n3-r37-b16", "tiny-n1-r130", "ffhq-n1-r24", "odd-n2-r23-c6-h12-f5"],
 )
 def test_fused_matches_reference_fp32(device, n, rays, dims, s, s_imp, block_rays):
     case = make_case(device, n=n, rays=rays, s=s, s_imp=s_imp, plane_scale=2.0, **dims)
@@ -176,18 +177,20 @@ def test_fused_empty_density(device):
         assert torch.isfinite(value).all(), key
 
 
-def test_fused_bf16_planes_flash_attention_rule(device):
-    """bf16 planes: max |fused_bf16 - ref_fp32| <= 2 max |ref_bf16 - ref_fp32| + floor, per output and gradient.
+@pytest.mark.parametrize("dtype, dims", [(torch.bfloat16, TINY), (torch.float16, TINY), (torch.float16, ODD)],
+                         ids=["bf16", "fp16", "fp16-odd"])
+def test_fused_half_planes_flash_attention_rule(device, dtype, dims):
+    """Half planes: max |fused_half - ref_fp32| <= 2 max |ref_half - ref_fp32| + floor, per output and gradient.
 
-    ref_bf16 is the reference path fed the bf16 planes (torch's own bf16 grid_sample); the fused
-    path loads bf16 texels and computes in fp32, so it is expected to be much closer.
+    ref_half is the reference path fed the same half planes (torch's own half grid_sample); the
+    fused path loads half texels and computes in fp32, so it is expected to be much closer.
     """
-    case = make_case(device, n=2, rays=29, seed=8, plane_scale=2.0, **TINY)
-    planes16 = case["planes"].to(torch.bfloat16)
+    case = make_case(device, n=2, rays=29, seed=8, plane_scale=2.0, **dims)
+    planes16 = case["planes"].to(dtype)
     ref32 = run_reference(case)
     ref16 = run_reference(case, planes=planes16)
     got16 = run_fused(case, planes=planes16)
-    assert got16["g_planes"].dtype == torch.bfloat16
+    assert got16["g_planes"].dtype == dtype
     for key in sorted(ref32):
         assert torch.isfinite(got16[key].float()).all(), key
         print(f"{key}:")
@@ -200,7 +203,8 @@ def test_fused_bf16_planes_flash_attention_rule(device):
 # --------------------------------------------------------------------------- every element written
 def test_every_output_written(device, monkeypatch):
     """Poison every output / scratch buffer with NaN before the launch: none may survive."""
-    monkeypatch.setattr(tr, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(tr, "_new_buffer",
+                        lambda shape, device: torch.full(shape, float("nan"), dtype=torch.float32, device=device))
     case = make_case(device, n=2, rays=20, seed=9, **TINY)  # 16 + 4 rays per image
     planes_cl = case["planes"].permute(0, 1, 3, 4, 2).contiguous()
     w = [t.detach().float().contiguous() for t in case["decoder"].effective_params()]
@@ -259,8 +263,8 @@ def test_forward_launch_count():
     """At most 4 kernel launches per render (forward), measured with the profiler."""
     device = torch.device("cuda")
     case = make_case(device, n=1, rays=4096, seed=12, **TINY)
-    w = [t.detach() for t in case["decoder"].effective_params()]
-    args = (case["planes"], *w, case["ray_origins"], case["ray_directions"], case["stratified"],
+    w = DecoderWeights(*(t.detach() for t in case["decoder"].effective_params()))
+    args = (case["planes"], w, case["ray_origins"], case["ray_directions"], case["stratified"],
             case["importance"], case["options"])
     fused_render(*args)  # compile outside the profiled region
     torch.cuda.synchronize()
@@ -273,36 +277,44 @@ def test_forward_launch_count():
 
 
 # --------------------------------------------------------------------------- errors
-def test_cpu_tensors_without_interpreter_raise(monkeypatch):
-    monkeypatch.setattr(tr, "_INTERPRETED", False)
+def test_triton_usable_is_read_at_call_time(monkeypatch):
+    """TRITON_INTERPRET is read when a render is asked for, not when the kernels were imported."""
     case = make_case(torch.device("cpu"), n=1, rays=4, **TINY)
-    w = case["decoder"].effective_params()
-    with pytest.raises(GuideFastError, match="CUDA"):
-        fused_render(case["planes"], *w, case["ray_origins"], case["ray_directions"], case["stratified"],
-                     case["importance"], case["options"])
+    args = (case["planes"], case["decoder"], case["ray_origins"], case["ray_directions"])
+    draws = {"stratified": case["stratified"], "importance": case["importance"]}
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(InputError, match="CUDA"):
+        render_triplanes(*args, options=case["options"], render_draws=draws, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(tr, "INTERPRETED", False)  # kernels defined for the compiler, CPU tensors
+    with pytest.raises(GuideFastError, match="compiled for CUDA"):
+        render_triplanes(*args, options=case["options"], render_draws=draws, backend="triton")
 
 
 def test_bad_inputs_name_the_tensor(device):
+    """render_triplanes checks once, for both backends; the message names the tensor."""
     case = make_case(device, n=2, rays=5, **TINY)
-    w0, b0, w1, b1 = case["decoder"].effective_params()
-    base = dict(planes=case["planes"], w0=w0, b0=b0, w1=w1, b1=b1, ray_origins=case["ray_origins"],
-                ray_directions=case["ray_directions"], stratified=case["stratified"],
-                importance=case["importance"], options=case["options"])
+    weights = case["decoder"].effective_params()
+    draws = {"stratified": case["stratified"], "importance": case["importance"]}
+    base = dict(planes=case["planes"], decoder=weights, ray_origins=case["ray_origins"],
+                ray_directions=case["ray_directions"])
     bad = {
-        "planes": case["planes"][:, :2],
-        "w0": w0[:, :3],
-        "b1": b1[:-1],
-        "ray_directions": case["ray_directions"][:, :4],
-        "stratified": case["stratified"][:, :, :5],
-        "importance": case["importance"][:3],
+        "planes": dict(planes=case["planes"][:, :2]),
+        "w0": dict(decoder=weights._replace(w0=weights.w0[:, :3])),
+        "b1": dict(decoder=weights._replace(b1=weights.b1[:-1])),
+        "ray_directions": dict(ray_directions=case["ray_directions"][:, :4]),
+        "stratified": dict(render_draws={**draws, "stratified": case["stratified"][:, :, :5]}),
+        "importance": dict(render_draws={**draws, "importance": case["importance"][:3]}),
+        "planes.*int64": dict(planes=case["planes"].long()),
     }
-    for name, value in bad.items():
-        with pytest.raises(InputError, match=name):
-            fused_render(**{**base, name: value})
-    with pytest.raises(InputError, match="planes.*int64"):
-        fused_render(**{**base, "planes": case["planes"].long()})
+    for backend in ("reference", "triton"):
+        for pattern, change in bad.items():
+            kwargs = {**base, "render_draws": draws, **change}
+            with pytest.raises(InputError, match=pattern):
+                render_triplanes(**kwargs, options=case["options"], backend=backend)
     with pytest.raises(InputError, match="power of two"):
-        fused_render(**base, block_rays=24)
+        fused_render(case["planes"], weights, case["ray_origins"], case["ray_directions"], case["stratified"],
+                     case["importance"], case["options"], block_rays=24)
 
 
 # --------------------------------------------------------------------------- saved for backward

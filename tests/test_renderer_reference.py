@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from guide_fast import cameras
-from guide_fast.eg3d.renderer import (
-    OSGDecoder, RenderOptions, project_onto_planes, ray_march, render_reference, sample_from_planes, sample_rays,
-)
-from guide_fast.render import render_triplanes
+from guide_fast.eg3d.networks import OSGDecoder
+from guide_fast.errors import InputError
+from guide_fast.render import RenderOptions, RenderOutput, render_reference, render_triplanes, sample_rays
+from guide_fast.render.reference import importance_depths, project_onto_planes, ray_march, sample_from_planes
 
 
 def _softplus(x):
@@ -61,8 +61,6 @@ def test_compositing_and_importance_match_naive_loops():
     sigmas = (torch.randn(n, r, s, 1) * 3).double()
     feat, depth, weights = ray_march(colors, sigmas, depths)
     u = torch.rand(n * r, 7).double()
-    from guide_fast.eg3d.renderer import importance_depths
-
     fine = importance_depths(depths, weights, u)
     for i in range(r):
         d = depths[0, i, :, 0].tolist()
@@ -136,19 +134,39 @@ def test_render_triplanes_reference_entry_point():
     opts = RenderOptions(depth_resolution=10, depth_resolution_importance=6)
     draws = {"stratified": torch.rand(2, 36, 10, 1), "importance": torch.rand(72, 6)}
     feat, depth, wsum = render_triplanes(planes, dec, o, d, options=opts, render_draws=draws, backend="reference")
-    ref = render_reference(planes, dec, o, d, opts, draws["stratified"], draws["importance"])
+    ref = render_reference(planes, dec.effective_params(), o, d, draws["stratified"], draws["importance"], opts)
+    assert isinstance(ref, RenderOutput)
     assert feat.shape == (2, 36, 8) and depth.shape == wsum.shape == (2, 36, 1)
     assert torch.equal(feat, ref[0]) and torch.equal(depth, ref[1]) and torch.equal(wsum, ref[2])
     assert (wsum <= 1 + 1e-5).all() and (wsum >= 0).all()
-    with pytest.raises(ValueError, match="planes"):
+    with pytest.raises(InputError, match="planes"):
         render_triplanes(planes[0], dec, o, d, options=opts, backend="reference")
-    with pytest.raises(ValueError, match="backend"):
+    with pytest.raises(InputError, match="backend"):
         render_triplanes(planes, dec, o, d, options=opts, backend="vulkan")
 
 
 def test_unsupported_render_options_are_refused_clearly():
-    with pytest.raises(NotImplementedError, match="clamp_mode"):
+    with pytest.raises(InputError, match="clamp_mode"):
         RenderOptions.from_kwargs(dict(ray_start=2.25, ray_end=3.3, depth_resolution=4, depth_resolution_importance=4,
                                        box_warp=1, clamp_mode="relu"))
-    with pytest.raises(ValueError, match="ray_end"):
+    with pytest.raises(InputError, match="ray_end"):
         RenderOptions.from_kwargs(dict(ray_start=3.0, ray_end=2.0, depth_resolution=4, depth_resolution_importance=4, box_warp=1))
+    with pytest.raises(InputError, match="depth_resolution"):
+        RenderOptions(depth_resolution=3, depth_resolution_importance=4).validate()
+    with pytest.raises(InputError, match="box_warp"):
+        RenderOptions.from_kwargs(dict(ray_start=2.25, ray_end=3.3, depth_resolution=4))
+
+
+def test_decoder_module_equals_its_official_layers():
+    """OSGDecoder.forward (the renderers' functional `decode` on effective_params) is bit for bit
+    the official Sequential FC -> softplus -> FC with the widened sigmoid (docs/eg3d.md §4.3)."""
+    torch.manual_seed(1)
+    dec = OSGDecoder(6, 12, 5, lr_multiplier=0.5)
+    with torch.no_grad():
+        for p in dec.parameters():
+            p.normal_()
+    feats = torch.randn(2, 3, 7, 6)
+    rgb, sigma = dec(feats)
+    x = dec.net(feats.mean(1).reshape(14, 6)).reshape(2, 7, -1)
+    assert torch.equal(sigma, x[..., :1])
+    assert torch.equal(rgb, torch.sigmoid(x[..., 1:]) * 1.002 - 0.001)

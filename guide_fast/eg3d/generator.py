@@ -13,11 +13,10 @@ from torch import nn
 
 from .. import cameras
 from ..errors import InputError, check_finite
+from ..plan import RENDERERS, UPSAMPLE_CONVS, Renderer, UpsampleConv
 from ..profiling import nvtx_range
-from .networks import NOISE_MODES, Backbone, SuperResolution
-from .renderer import OSGDecoder, RenderOptions, sample_rays
-
-UPSAMPLE_CONVS = ("reference", "folded")
+from ..render import RenderOptions, render_triplanes, sample_rays
+from .networks import NOISE_MODES, Backbone, OSGDecoder, SuperResolution
 
 # eg3d.md §1.2: the FFHQ rendering_kwargs as stored in the checkpoint.
 FFHQ_RENDERING_KWARGS = {
@@ -71,14 +70,16 @@ class GeneratorConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GeneratorConfig":
+        if not isinstance(d, dict):
+            raise InputError(f"generator config must be a JSON object, got {type(d).__name__}")
         known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(map(str, set(d) - known))
         if unknown:
             raise InputError(f"generator config has unknown field(s) {unknown}")
-        d = dict(d)
-        if "sr_channels" in d:
-            d["sr_channels"] = tuple(d["sr_channels"])
-        return cls(**d)
+        from .config_check import check_config_fields
+
+        # every field typed and range-checked before anything is built (docs/formats.md §3)
+        return cls(**check_config_fields(d))
 
 
 def _tiny_config() -> GeneratorConfig:
@@ -117,6 +118,7 @@ class TriPlaneGenerator(nn.Module):
         self.superresolution = SuperResolution(
             config.decoder_output_dim, config.neural_rendering_resolution, config.img_resolution,
             config.sr_channels, config.w_dim, use_fp16=config.sr_fp16,
+            antialias=self.rendering_kwargs.get("sr_antialias", True),
         )
         self.decoder = OSGDecoder(
             config.plane_channels, config.decoder_hidden, config.decoder_output_dim,
@@ -127,12 +129,11 @@ class TriPlaneGenerator(nn.Module):
         self.source_sha256: str | None = None
 
     # ----------------------------------------------------------------- switches
-    def set_renderer(self, backend: str) -> "TriPlaneGenerator":
-        """Switch the tri-plane renderer: "reference" (PyTorch oracle) or "triton" (fused)."""
-        from ..render import BACKENDS
-
-        if backend not in BACKENDS:
-            raise InputError(f"unknown renderer {backend!r}; expected one of {BACKENDS}")
+    def set_renderer(self, backend: Renderer) -> "TriPlaneGenerator":
+        """Switch the tri-plane renderer: "reference" (PyTorch oracle) or "triton" (fused).
+        Normally set by `ExecutionPlan.apply`, which decides which one a run uses."""
+        if backend not in RENDERERS:
+            raise InputError(f"unknown renderer {backend!r}; expected one of {RENDERERS}")
         self.renderer_backend = backend
         return self
 
@@ -144,7 +145,7 @@ class TriPlaneGenerator(nn.Module):
         self.sr_precision = precision
         return self
 
-    def set_upsample_conv(self, mode: str) -> "TriPlaneGenerator":
+    def set_upsample_conv(self, mode: UpsampleConv) -> "TriPlaneGenerator":
         """How the 2x up-convolutions run: "reference" (transposed conv, then the 4x4 FIR, as
         the official code) or "folded" (one transposed conv with the FIR folded into its
         kernel: the same maths, faster on a GPU; eg3d/ops.py conv2d_resample)."""
@@ -156,7 +157,7 @@ class TriPlaneGenerator(nn.Module):
         return self
 
     @property
-    def upsample_conv(self) -> str:
+    def upsample_conv(self) -> UpsampleConv:
         return "folded" if any(getattr(m, "fold_resample", False) for m in self.modules()) else "reference"
 
     @property
@@ -229,7 +230,7 @@ class TriPlaneGenerator(nn.Module):
 
     def synthesis(self, ws, c, noise_mode: str = "random", render_draws=None, planes=None,
                   generator=None, validate: bool = True) -> dict:
-        """ws [N, num_ws, w_dim] + rendering camera c [N, 25] -> images (eg3d.md §1.3).
+        """ws [N, num_ws, w_dim] + rendering camera c [N, 25] -> images (docs/eg3d.md §1.3).
 
         planes: precomputed tri-planes [N, 3, C, R, R] skip the backbone (the engine caches
         constant ones). render_draws: {"stratified": [N, rays, S, 1], "importance":
@@ -237,8 +238,6 @@ class TriPlaneGenerator(nn.Module):
         `generator` (or torch's global generator) after the backbone noise, as the official
         code does. Returns {"image", "image_raw", "image_depth"}.
         """
-        from ..render import render_triplanes
-
         if validate:
             self.check_ws(ws)
             cameras.check_label("c", c, ws.shape[0])

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from ..render.reference import decode
+from ..render.types import DecoderWeights
 from . import ops
 
 NOISE_MODES = ("random", "const", "none")
@@ -51,6 +53,37 @@ class FullyConnectedLayer(nn.Module):
         if self.activation == "linear" and b is not None:
             return torch.addmm(b.unsqueeze(0), x, w.t())
         return ops.bias_act(x.matmul(w.t()), b, act=self.activation)
+
+
+class OSGDecoder(nn.Module):
+    """Mean of the 3 planes' features -> FC(C->hidden) -> softplus -> FC(hidden->1+F) (docs/eg3d.md §4.3).
+
+    Parameter names as the official `decoder.net.*`. Both render backends consume its
+    `effective_params()`; `forward` runs the reference renderer's `decode` on them."""
+
+    def __init__(self, n_features: int = 32, hidden_dim: int = 64, output_dim: int = 32, lr_multiplier: float = 1.0):
+        super().__init__()
+        self.hidden_dim = hidden_dim
+        self.output_dim = output_dim
+        self.net = nn.Sequential(
+            FullyConnectedLayer(n_features, hidden_dim, lr_multiplier=lr_multiplier),
+            nn.Softplus(),
+            FullyConnectedLayer(hidden_dim, 1 + output_dim, lr_multiplier=lr_multiplier),
+        )
+
+    @property
+    def in_features(self) -> int:
+        return self.net[0].in_features
+
+    def effective_params(self) -> DecoderWeights:
+        """(W0, b0, W1, b1) with the runtime gains folded in: what both render backends consume."""
+        fc0, fc1 = self.net[0], self.net[2]
+        return DecoderWeights(fc0.effective_weight(), fc0.effective_bias(), fc1.effective_weight(),
+                              fc1.effective_bias())
+
+    def forward(self, sampled_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """sampled_features [N, 3, M, C] -> (rgb [N, M, F], sigma [N, M, 1]); sigma is raw."""
+        return decode(sampled_features, self.effective_params())
 
 
 class MappingNetwork(nn.Module):
@@ -110,9 +143,12 @@ class SynthesisLayer(nn.Module):
         styles = self.affine(w)
         noise = None
         if self.use_noise and noise_mode == "random":
-            noise = torch.randn(
-                [x.shape[0], 1, self.resolution, self.resolution], device=x.device, generator=generator
-            ) * self.noise_strength
+            shape = [x.shape[0], 1, self.resolution, self.resolution]
+            # `generator`: a torch.Generator, or a per-row noise source with .randn_rows(shape,
+            # device) (one stream per identity: guide_fast.unlearn.streams.IdentityNoise)
+            rows = getattr(generator, "randn_rows", None)
+            noise = (rows(shape, x.device) if rows is not None
+                     else torch.randn(shape, device=x.device, generator=generator)) * self.noise_strength
         elif self.use_noise and noise_mode == "const":
             noise = self.noise_const * self.noise_strength
         x = ops.modulated_conv2d(
@@ -237,22 +273,29 @@ class Backbone(nn.Module):
 
 
 class SuperResolution(nn.Module):
-    """`SuperresolutionHybrid8XDC` (eg3d.md §5), generalised to log2(out/in) blocks.
+    """`SuperresolutionHybrid8XDC` (docs/eg3d.md §5), generalised to log2(out/in) blocks.
 
+    Its input resolution is fixed by the architecture, out_resolution / 2**blocks (128 for the
+    512 generators), not by the neural rendering resolution: as the official module, a render
+    of another size (64 in ffhq512-64, ffhqrebalanced512-64) is resized to it by bilinear
+    interpolation with `antialias` = rendering_kwargs["sr_antialias"].
     Every layer uses w[:, -1] (w13 for FFHQ). Blocks are marked fp16 with conv clamp 256;
     whether fp16 is really used is decided per call (official: fp16 on CUDA only).
     """
 
-    def __init__(self, in_channels, in_resolution, out_resolution, block_channels, w_dim, use_fp16=True):
+    def __init__(self, in_channels, render_resolution, out_resolution, block_channels, w_dim, use_fp16=True,
+                 antialias: bool = True):
         super().__init__()
-        if len(block_channels) != int(round(math.log2(out_resolution / in_resolution))):
-            raise ValueError("super-resolution needs one block per factor of two")
-        self.in_resolution = in_resolution
+        if not block_channels or (out_resolution >> len(block_channels)) << len(block_channels) != out_resolution:
+            raise ValueError("super-resolution needs one block per factor of two of its output resolution")
+        self.in_resolution = out_resolution >> len(block_channels)
+        self.render_resolution = render_resolution
         self.out_resolution = out_resolution
+        self.antialias = bool(antialias)
         self.num_blocks = len(block_channels)
         clamp = 256 if use_fp16 else None
         ch_in = in_channels
-        res = in_resolution
+        res = self.in_resolution
         for i, ch in enumerate(block_channels):
             res *= 2
             block = SynthesisBlock(ch_in, ch, w_dim, res, img_channels=3, is_last=(i == len(block_channels) - 1),
@@ -264,8 +307,9 @@ class SuperResolution(nn.Module):
         w_last = ws[:, -1:, :].repeat(1, 3, 1)
         if x.shape[-1] != self.in_resolution:
             size = (self.in_resolution, self.in_resolution)
-            x = nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-            rgb = nn.functional.interpolate(rgb, size=size, mode="bilinear", align_corners=False, antialias=True)
+            x = nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=self.antialias)
+            rgb = nn.functional.interpolate(rgb, size=size, mode="bilinear", align_corners=False,
+                                            antialias=self.antialias)
         for i in range(self.num_blocks):
             x, rgb = getattr(self, f"block{i}")(
                 x, rgb, w_last, noise_mode=noise_mode, fused_modconv=fused_modconv, fp16=fp16, generator=generator

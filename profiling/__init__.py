@@ -1,0 +1,1 @@
+"""Profiling entry points; run them from the repository root as `python -m profiling.<name>`."""
