@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.guide-fast-installed
-# The torch/torchvision pair for this project's CPU machines (see specs/environment.md);
+# The torch/torchvision pair for this project's CPU machines (see docs/environment.md §1);
 # the package itself does not pin torch.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 

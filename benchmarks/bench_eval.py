@@ -1,4 +1,4 @@
-"""Evaluation: ID over 11 views + FID_pre on N paired samples (issue 7; performance.md target:
+"""Evaluation: ID over 11 views + FID_pre on N paired samples (issue 7; docs/performance.md §5 target:
 at most 60 s for N = 5000 on one H100).
 
 Fast path (guide_fast.evaluate): batched renders of both generators, PNG quantisation in

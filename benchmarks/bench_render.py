@@ -1,11 +1,11 @@
 """Fused Triton tri-plane renderer vs the PyTorch reference, at FFHQ settings (issue 3).
 
-Settings (eg3d.md §4.9): planes [B, 3, 32, 256, 256], 128x128 rays, 48 + 48 samples, the FFHQ
+Settings (docs/eg3d.md §4.9): planes [B, 3, 32, 256, 256], 128x128 rays, 48 + 48 samples, the FFHQ
 decoder (32 -> 64 -> 33), one frontal camera per image. For fp32 and bf16 planes, batch 1
 and 5, each path is timed forward (no grad) and forward + backward (planes gradient, the
 decoder frozen as in GUIDE) with CUDA events: median, p20, p80 ms and peak allocated MB.
 Fused rows carry the speed-up over the reference of the same row kind in `extra`, and the
-forward rows the ratio to the analytic floor of 0.2-0.5 ms per image (performance.md).
+forward rows the ratio to the analytic floor of 0.2-0.5 ms per image (docs/performance.md §3).
 
 Every run also writes the bytes saved for backward per 128x128 image (reference vs fused),
 counted with torch.autograd.graph.saved_tensors_hooks. Without a GPU that is all it does:
@@ -29,7 +29,7 @@ from . import common
 BENCH = "render"
 RES = 128
 PLANE_RES = 256
-FLOOR_MS = (0.2, 0.5)  # analytic floor of the fused forward per image (performance.md)
+FLOOR_MS = (0.2, 0.5)  # analytic floor of the fused forward per image (docs/performance.md §3)
 
 
 def _inputs(batch, dtype, device, seed=0):

@@ -1,4 +1,4 @@
-"""EG3D camera conventions (eg3d.md §6) and the GUIDE camera choices (guide.md §3.2).
+"""EG3D camera conventions (docs/eg3d.md §6) and the GUIDE camera choices (docs/guide.md §3.2).
 
 A camera label is 25 values: the 4x4 OpenCV camera-to-world matrix (row-major), then the 3x3
 intrinsics normalised by image size (row-major). The world is +Y up, the face looks along +Z.
@@ -13,13 +13,13 @@ import torch
 
 from .errors import InputError
 
-#: Dataset focal length of the FFHQ labels: 2985.29 / 700 (eg3d.md §6).
+#: Dataset focal length of the FFHQ labels: 2985.29 / 700 (docs/eg3d.md §6).
 FFHQ_FOCAL = 4.2647
-#: GUIDE and EG3D scripts use FOV_to_intrinsics(18.837) (guide.md §3.2).
+#: GUIDE and EG3D scripts use FOV_to_intrinsics(18.837) (docs/guide.md §3.2).
 GUIDE_FOV_DEGREES = 18.837
 DEFAULT_RADIUS = 2.7
 #: The look-at point GUIDE's code really uses: its key lookup misses and falls back to the
-#: origin (guide.md §3.2). EG3D's own scripts look at EG3D_PIVOT.
+#: origin (docs/guide.md §3.2). EG3D's own scripts look at EG3D_PIVOT.
 GUIDE_LOOKAT = (0.0, 0.0, 0.0)
 EG3D_PIVOT = (0.0, 0.0, 0.2)
 
@@ -27,7 +27,7 @@ EG3D_PIVOT = (0.0, 0.0, 0.2)
 def fov_to_focal(fov_degrees: float) -> float:
     """EG3D's `FOV_to_intrinsics` focal: 1 / (tan(fov * 3.14159 / 360) * 1.414), constants as written.
 
-    f(18.837) = 4.26339, about 0.03% from the dataset's 4.2647 (eg3d.md §6).
+    f(18.837) = 4.26339, about 0.03% from the dataset's 4.2647 (docs/eg3d.md §6).
     """
     if not (0 < fov_degrees < 180):
         raise InputError(f"field of view must be in (0, 180) degrees, got {fov_degrees}")
@@ -55,7 +55,7 @@ def _normalize(v: torch.Tensor) -> torch.Tensor:
 
 
 def cam2world_from_forward(forward: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
-    """`create_cam2world_matrix` (eg3d.md §6): R = [right | up | forward], then translate."""
+    """`create_cam2world_matrix` (docs/eg3d.md §6): R = [right | up | forward], then translate."""
     forward = _normalize(forward)
     up0 = _const([0.0, 1.0, 0.0], forward.device, forward.dtype).expand_as(forward)
     right = -_normalize(torch.cross(up0, forward, dim=-1))
@@ -68,7 +68,7 @@ def cam2world_from_forward(forward: torch.Tensor, origin: torch.Tensor) -> torch
 
 
 def look_at_pose(horizontal, vertical, lookat=GUIDE_LOOKAT, radius: float = DEFAULT_RADIUS, device=None) -> torch.Tensor:
-    """`LookAtPoseSampler.sample` with zero spread (eg3d.md §6). Angles in radians.
+    """`LookAtPoseSampler.sample` with zero spread (docs/eg3d.md §6). Angles in radians.
 
     horizontal = pi/2 and vertical = pi/2 is the frontal camera at (0, 0, radius).
     Accepts floats or tensors of shape [N] / [N, 1]; returns cam2world [N, 4, 4].
@@ -119,7 +119,7 @@ def pose_label(yaw, pitch, *, fov_degrees: float = GUIDE_FOV_DEGREES, focal: flo
 
 
 def frontal_label(batch: int = 1, **kwargs) -> torch.Tensor:
-    """The mapping network's conditioning camera in GUIDE: frontal (guide.md §3.2)."""
+    """The mapping network's conditioning camera in GUIDE: frontal (docs/guide.md §3.2)."""
     return pose_label(torch.zeros(batch, device=kwargs.pop("device", None)), 0.0, **kwargs)
 
 

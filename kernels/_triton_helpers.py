@@ -1,7 +1,7 @@
 """Small @triton.jit building blocks shared by the fused renderer's kernels.
 
 Everything here computes in fp32: the Triton interpreter gets bf16 arithmetic wrong
-(environment.md), and fp32 accumulation is the right numerics on a GPU as well, so callers
+(docs/environment.md §2), and fp32 accumulation is the right numerics on a GPU as well, so callers
 load bf16 texels and convert them at once. No libdevice: every transcendental is written
 from `tl.exp` / `tl.log`, which exist on every backend and in the interpreter.
 """

@@ -490,7 +490,7 @@ def _launch_config(n_rays: int, block_rays: int | None = None) -> dict:
     num_stages=1: Triton's software pipeliner would stage every gather load of the sample
     loops in shared memory, num_stages deep (~120 KB at 32 rays), leaving one program per SM.
     In the interpreter the cost is per op and per program, so big blocks are cheapest
-    (environment.md). On an H200 (triton 3.6, num_stages 3) 16 rays per program beat 32 by
+    (docs/environment.md §2). On an H200 (triton 3.6, num_stages 3) 16 rays per program beat 32 by
     1.7x forward and 3x forward+backward (benchmarks/bench_render.py --sweep). `block_rays` (or the
     GUIDE_FAST_RENDER_BLOCK / _WARPS / _STAGES / _MAXNREG variables) overrides the choice for
     tuning and tests.

@@ -4,7 +4,7 @@ The GPU machines this project gets have Nsight Compute but not always Nsight Sys
 script uses torch.profiler (CUPTI) instead: it runs the fast step eagerly (a graph replay hides
 the phases), maps the engine's NVTX ranges onto profiler ranges, and prints
   1. GPU time per engine phase (mapping, backbone, render, superres, lpips, identity, backward,
-     optimizer; performance.md "Where the reference path loses time"),
+     optimizer; docs/performance.md §4),
   2. the top kernels by GPU time, and the top convolution shapes (which network they belong to
      is readable from the channel counts: SR 128/64 ch at 256-512 px, LPIPS-VGG 64-512 ch,
      the backbone 512-96 ch up to 256 px),

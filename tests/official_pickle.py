@@ -1,4 +1,4 @@
-"""Build EG3D network pickles in the official format (eg3d.md §7.1-7.2) from a generator.
+"""Build EG3D network pickles in the official format (docs/eg3d.md §7.1-7.2) from a generator.
 
 The official file is `pickle.dump({"G": ..., "D": ..., "G_ema": ..., ...})` where networks are
 `torch_utils.persistence` objects: each reduces to `_reconstruct_persistent_obj(meta)` with

@@ -15,7 +15,7 @@ def test_fov_formula_and_dataset_focal():
 
 
 def test_frontal_pose_matches_spec():
-    """eg3d.md §6: h = v = pi/2 looking at (0,0,0.2) -> camera at (0,0,2.7), y down, z towards -Z."""
+    """docs/eg3d.md §6: h = v = pi/2 looking at (0,0,0.2) -> camera at (0,0,2.7), y down, z towards -Z."""
     c2w = cameras.look_at_pose(math.pi / 2, math.pi / 2, lookat=cameras.EG3D_PIVOT)
     want = torch.tensor([[1.0, 0, 0, 0], [0, -1, 0, 0], [0, 0, -1, 2.7], [0, 0, 0, 1]])
     torch.testing.assert_close(c2w[0], want, atol=1e-5, rtol=0)

@@ -1,4 +1,4 @@
-"""Safe checkpoint loading (eg3d.md §7.4), own format, convert, deltas."""
+"""Safe checkpoint loading (docs/eg3d.md §7.4), own format, convert, deltas."""
 import os
 import pickle
 import sys

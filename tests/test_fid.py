@@ -1,4 +1,4 @@
-"""The FID Inception network and the Fréchet distance (face_models.md §4, guide.md §4.4)."""
+"""The FID Inception network and the Fréchet distance (docs/face_models.md §4, docs/guide.md §4.4)."""
 
 import numpy as np
 import pytest
@@ -127,7 +127,7 @@ def test_state_dict_names_shapes_and_order_match_the_weight_file(inception):
     assert [r[1] for r in rows] == [_shape(t) for t in state.values()]
     params = dict(inception.named_parameters())
     assert [r[0] for r in rows if r[2] == "param"] == list(params)
-    assert sum(p.numel() for p in params.values()) == 23_850_960  # face_models.md §4.3
+    assert sum(p.numel() for p in params.values()) == 23_850_960  # docs/face_models.md §4.3
 
 
 def test_every_conv_matches_the_reference_conv_table(inception):

@@ -60,7 +60,7 @@ def test_tiny_outputs_shapes_ranges_and_determinism(tiny_generator):
         assert torch.isfinite(a[k]).all()
     # feature image is 2x-1 of composited values in (-0.001, 1.001) with weights summing to <= 1
     assert a["image_raw"].min() >= -1.003 and a["image_raw"].max() <= 1.003
-    # depth is clamped to the sampled depth range (eg3d.md §4.6)
+    # depth is clamped to the sampled depth range (docs/eg3d.md §4.6)
     assert a["image_depth"].min() >= 2.25 and a["image_depth"].max() <= 3.3 + 1.05 / 11 + 1e-5
 
 
@@ -108,7 +108,7 @@ def test_noise_modes(tiny_generator):
 
 
 def test_train_mode_modconv_equals_eval_mode(tiny_generator):
-    """'inference_only' fused_modconv: grouped conv in eval, shared conv in train (eg3d.md §1.1)."""
+    """'inference_only' fused_modconv: grouped conv in eval, shared conv in train (docs/eg3d.md §1.1)."""
     g = tiny_generator.copy()
     ws = g.mapping(torch.randn(3, g.config.z_dim), cameras.frontal_label(3))
     with torch.no_grad():
@@ -118,7 +118,7 @@ def test_train_mode_modconv_equals_eval_mode(tiny_generator):
 
 
 def test_up_conv_matches_zero_insertion_formulation():
-    """conv_transpose2d + FIR (eg3d.md §3.2 step 4) == zero-insert, full 3x3 conv, FIR."""
+    """conv_transpose2d + FIR (docs/eg3d.md §3.2 step 4) == zero-insert, full 3x3 conv, FIR."""
     torch.manual_seed(0)
     x = torch.randn(2, 5, 6, 7)
     w = torch.randn(4, 5, 3, 3)
@@ -173,7 +173,7 @@ def test_generator_folded_up_conv_mode(tiny_generator):
 def test_skip_upsampler_is_zero_padded_not_bilinear():
     x = torch.ones(1, 1, 4, 4)
     y = ops.upsample2d(x, ops.setup_filter())
-    # interior stays 1, the border row/col sees the zero padding: 0.75 (eg3d.md §3.2)
+    # interior stays 1, the border row/col sees the zero padding: 0.75 (docs/eg3d.md §3.2)
     assert y[0, 0, 3, 3] == pytest.approx(1.0)
     assert y[0, 0, 0, 3] == pytest.approx(0.75)
     assert y[0, 0, 0, 0] == pytest.approx(0.5625)

@@ -116,7 +116,7 @@ def test_guide_and_facenet_detectors_differ_on_the_astronaut(astronaut, guide_fa
     assert len(facenet) == 1
     np.testing.assert_allclose(facenet[0].landmarks, np.array(REFERENCE["facenet"]["points"][0]), atol=1e-3)
     gap = np.abs(facenet[0].landmarks - guide_faces.points(0))
-    assert 0.5 < gap.max() < 2.0  # face_models.md §5.3: up to 1.3 px per coordinate
+    assert 0.5 < gap.max() < 2.0  # docs/face_models.md §5.3: up to 1.3 px per coordinate
 
 
 def test_no_face_and_bad_input():

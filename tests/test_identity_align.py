@@ -1,4 +1,4 @@
-"""MTCNN detection and 5-point alignment (face_models.md §2.3, §5).
+"""MTCNN detection and 5-point alignment (docs/face_models.md §2.3, §5).
 
 The similarity-transform and warp tests need nothing but numpy / torch; the detector tests need
 facenet-pytorch (bundled MTCNN weights) and scikit-image (the astronaut photo) and are skipped
@@ -142,7 +142,7 @@ def test_astronaut_detection_matches_reference(aligned_astronaut):
     np.testing.assert_allclose(a.face.box, FACENET_BOX, atol=0.05)
     np.testing.assert_allclose(a.face.landmarks, FACENET_POINTS, atol=0.05)
     assert a.face.prob > 0.999
-    # Within ~1.3 px of GUIDE's own detector (face_models.md §5.3).
+    # Within ~1.3 px of GUIDE's own detector (docs/face_models.md §5.3).
     assert np.abs(a.face.landmarks - GUIDE_LANDMARKS).max() < 1.5
 
 

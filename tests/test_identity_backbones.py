@@ -1,5 +1,5 @@
 """IR-SE50 / IR-101: official key names, shapes and order; loading random files saved under
-those names; refusing wrong files; the ID loss (face_models.md §1-2, §1.4)."""
+those names; refusing wrong files; the ID loss (docs/face_models.md §1-2, §1.4)."""
 import hashlib
 
 import pytest
@@ -148,7 +148,7 @@ def test_idloss_crop_is_resize_crop_pool():
     ref = F.interpolate(x, size=(256, 256), mode="bilinear", align_corners=False)[:, :, 35:223, 32:220]
     ref = torch.nn.AdaptiveAvgPool2d((112, 112))(ref)
     torch.testing.assert_close(idloss_crop(x), ref, rtol=0, atol=0)
-    # At 512 the bilinear resize is exactly 2x2 mean pooling (face_models.md §1.4 step 1).
+    # At 512 the bilinear resize is exactly 2x2 mean pooling (docs/face_models.md §1.4 step 1).
     torch.testing.assert_close(F.interpolate(x, size=(256, 256), mode="bilinear", align_corners=False),
                                F.avg_pool2d(x, 2), rtol=0, atol=1e-6)
     assert idloss_crop(torch.zeros(1, 3, 64, 64)).shape == (1, 3, 112, 112)

@@ -1,6 +1,6 @@
 """Parity of the fused Triton renderer (guide_fast.kernels.fused_render) with the PyTorch oracle.
 
-Every comparison feeds both paths the same random draws (eg3d.md §4.7) and compares the
+Every comparison feeds both paths the same random draws (docs/eg3d.md §4.7) and compares the
 outputs and every gradient (planes and decoder weights) under a random upstream gradient.
 On a machine without a GPU the kernels run in the Triton interpreter (conftest sets
 TRITON_INTERPRET=1), which is slow per op and per program: the cases use few rays, large
@@ -36,7 +36,7 @@ def make_case(device, *, n, rays, c, hid, f, res, s=12, s_imp=12, seed=0, plane_
     torch.manual_seed(seed)  # OSGDecoder's init draws from the global generator
     decoder = OSGDecoder(c, hid, f).to(device)
     planes = (torch.randn(n, 3, c, res, res, generator=g) * plane_scale).to(device)
-    # one camera per image on a sphere of radius 2.7 (eg3d.md §4.4), rays aimed at points
+    # one camera per image on a sphere of radius 2.7 (docs/eg3d.md §4.4), rays aimed at points
     # inside the box; the far samples (up to 3.3 + delta) leave the box, as in EG3D.
     cam = F.normalize(torch.randn(n, 1, 3, generator=g) * 0.3 + torch.tensor([0.0, 0.0, 1.0]), dim=-1) * 2.7
     target = (torch.rand(n, rays, 3, generator=g) - 0.5) * 0.9

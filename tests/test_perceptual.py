@@ -1,4 +1,4 @@
-"""LPIPS-VGG v0.1 (face_models.md §3): parity with the lpips package on identical weights,
+"""LPIPS-VGG v0.1 (docs/face_models.md §3): parity with the lpips package on identical weights,
 LPIPS(x, x) = 0, gradients, frozen parameters, loading the two weight files."""
 import hashlib
 import warnings

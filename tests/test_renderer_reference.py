@@ -1,4 +1,4 @@
-"""The reference renderer against independent per-ray re-derivations of eg3d.md §4."""
+"""The reference renderer against independent per-ray re-derivations of docs/eg3d.md §4."""
 import math
 
 import pytest
@@ -16,7 +16,7 @@ def _softplus(x):
 
 
 def naive_march(colors, sigmas, depths):
-    """One ray, plain Python floats: MipRayMarcher2 (eg3d.md §4.6)."""
+    """One ray, plain Python floats: MipRayMarcher2 (docs/eg3d.md §4.6)."""
     s = len(depths)
     weights, T = [], 1.0
     for i in range(s - 1):
@@ -32,7 +32,7 @@ def naive_march(colors, sigmas, depths):
 
 
 def naive_importance(depths, weights, u):
-    """One ray: smoothing, +0.01, 45-bin support, inverse CDF (eg3d.md §4.7), written as loops."""
+    """One ray: smoothing, +0.01, 45-bin support, inverse CDF (docs/eg3d.md §4.7), written as loops."""
     s = len(depths)
     m = [max(weights[k - 1] if k - 1 >= 0 else -math.inf, weights[k] if k < len(weights) else -math.inf) for k in range(s)]
     p = [(m[k] + m[k + 1]) / 2 + 0.01 for k in range(s - 1)]
@@ -70,14 +70,14 @@ def test_compositing_and_importance_match_naive_loops():
         assert weights[0, i, :, 0].tolist() == pytest.approx(w, rel=1e-9, abs=1e-15)
         # the official smoothing casts the weights to float32 (`.float()`), hence rel 1e-6
         assert fine[0, i, :, 0].tolist() == pytest.approx(naive_importance(d, w, u[i].tolist()), rel=1e-6)
-        # the last midpoint interval is unreachable (eg3d.md §4.7 step 5)
+        # the last midpoint interval is unreachable (docs/eg3d.md §4.7 step 5)
         mids = [(d[j] + d[j + 1]) / 2 for j in range(s - 1)]
         assert max(fine[0, i, :, 0].tolist()) <= mids[-2] + 1e-12
     assert opts.depth_resolution == s
 
 
 def test_planes_xy_xz_zx_quirk_hits_the_right_texels():
-    """A texel at (row r, col c) of plane k is hit at the world point of eg3d.md §4.1."""
+    """A texel at (row r, col c) of plane k is hit at the world point of docs/eg3d.md §4.1."""
     C, H = 2, 8
     row, col = 3, 5
     u = (col + 0.5) / H - 0.5

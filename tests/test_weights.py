@@ -43,7 +43,7 @@ def weights_dir(tmp_path_factory):
     """Every manifest file, with random values, in its official format."""
     d = tmp_path_factory.mktemp("weights")
     torch.save(build_backbone("ir_se50", seed=1).state_dict(), d / "model_ir_se50.pth")
-    # An old-format file without num_batches_tracked (face_models.md §0) is still valid.
+    # An old-format file without num_batches_tracked (docs/face_models.md §0) is still valid.
     ir101 = {k: v for k, v in build_backbone("ir101", seed=2).state_dict().items() if not k.endswith("num_batches_tracked")}
     torch.save(ir101, d / "CurricularFace_Backbone.pth")
     lp = LPIPS.random(0).state_dict()

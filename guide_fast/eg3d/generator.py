@@ -18,7 +18,7 @@ from ..profiling import nvtx_range
 from ..render import RenderOptions, render_triplanes, sample_rays
 from .networks import NOISE_MODES, Backbone, OSGDecoder, SuperResolution
 
-# eg3d.md §1.2: the FFHQ rendering_kwargs as stored in the checkpoint.
+# docs/eg3d.md §1.2: the FFHQ rendering_kwargs as stored in the checkpoint.
 FFHQ_RENDERING_KWARGS = {
     "image_resolution": 512,
     "disparity_space_sampling": False,
@@ -101,7 +101,7 @@ PRESETS = {
 
 
 class TriPlaneGenerator(nn.Module):
-    """EG3D generator. State-dict names and shapes equal the official `G_ema` (eg3d.md App. A)."""
+    """EG3D generator. State-dict names and shapes equal the official `G_ema` (docs/eg3d.md App. A)."""
 
     def __init__(self, config: GeneratorConfig | None = None, renderer: str = "reference", sr_precision: str = "auto"):
         super().__init__()
@@ -170,7 +170,7 @@ class TriPlaneGenerator(nn.Module):
 
     # ----------------------------------------------------------------- forward parts
     def mapping(self, z, c, truncation_psi: float = 1.0, truncation_cutoff=None) -> torch.Tensor:
-        """z [N, z_dim], conditioning camera c [N, 25] -> ws [N, num_ws, w_dim] (eg3d.md §2)."""
+        """z [N, z_dim], conditioning camera c [N, 25] -> ws [N, num_ws, w_dim] (docs/eg3d.md §2)."""
         if not torch.is_tensor(z) or z.ndim != 2 or z.shape[1] != self.config.z_dim:
             got = list(z.shape) if torch.is_tensor(z) else type(z).__name__
             raise InputError(f"z must have shape [N, {self.config.z_dim}], got {got}")
@@ -275,13 +275,13 @@ class TriPlaneGenerator(nn.Module):
         return {"image": image, "image_raw": rgb_image, "image_depth": depth_image}
 
     def forward(self, z, c, truncation_psi: float = 1.0, truncation_cutoff=None, **synthesis_kwargs) -> dict:
-        """G(z, c): the same camera conditions the mapping and renders (eg3d.md §1.3)."""
+        """G(z, c): the same camera conditions the mapping and renders (docs/eg3d.md §1.3)."""
         ws = self.mapping(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
         return self.synthesis(ws, c, **synthesis_kwargs)
 
     # ----------------------------------------------------------------- utilities
     def trainable_synthesis_parameters(self):
-        """GUIDE trains `backbone.synthesis.*` only (guide.md §3.1 step 3)."""
+        """GUIDE trains `backbone.synthesis.*` only (docs/guide.md §3.1 step 3)."""
         return [(k, p) for k, p in self.named_parameters() if k.startswith("backbone.synthesis.")]
 
     def copy(self) -> "TriPlaneGenerator":

@@ -2,8 +2,8 @@
 
 Module and parameter names, registration order and initialisation follow the official code
 so that `state_dict()` keys, shapes and order equal the official listing exactly
-(eg3d.md Appendix A, reference/eg3d_ffhq512-128_state_dict.txt). Runtime gains are applied
-in forward, as the checkpoint stores raw tensors (eg3d.md §7.4 table).
+(docs/eg3d.md Appendix A, reference/eg3d_ffhq512-128_state_dict.txt). Runtime gains are applied
+in forward, as the checkpoint stores raw tensors (docs/eg3d.md §7.4 table).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _check_noise_mode(noise_mode: str) -> None:
 
 
 class FullyConnectedLayer(nn.Module):
-    """eg3d.md §2.1: y = act(x @ (W * lr_mul/sqrt(in))^T + b * lr_mul)."""
+    """docs/eg3d.md §2.1: y = act(x @ (W * lr_mul/sqrt(in))^T + b * lr_mul)."""
 
     def __init__(self, in_features, out_features, bias=True, activation="linear", lr_multiplier=1.0, bias_init=0.0):
         super().__init__()
@@ -87,7 +87,7 @@ class OSGDecoder(nn.Module):
 
 
 class MappingNetwork(nn.Module):
-    """z, c -> W+ (eg3d.md §2). Conditioning camera labels are embedded with lr_mul 1."""
+    """z, c -> W+ (docs/eg3d.md §2). Conditioning camera labels are embedded with lr_mul 1."""
 
     def __init__(self, z_dim, c_dim, w_dim, num_ws, num_layers=2, lr_multiplier=0.01, w_avg_beta=0.998):
         super().__init__()
@@ -118,7 +118,7 @@ class MappingNetwork(nn.Module):
 
 
 class SynthesisLayer(nn.Module):
-    """Modulated 3x3 conv + noise + bias + lrelu*sqrt(2) (+ clamp) (eg3d.md §3.2)."""
+    """Modulated 3x3 conv + noise + bias + lrelu*sqrt(2) (+ clamp) (docs/eg3d.md §3.2)."""
 
     def __init__(self, in_channels, out_channels, w_dim, resolution, up=1, use_noise=True, conv_clamp=None):
         super().__init__()
@@ -160,7 +160,7 @@ class SynthesisLayer(nn.Module):
 
 
 class ToRGBLayer(nn.Module):
-    """Modulated 1x1 conv without demodulation, + bias (eg3d.md §3.2)."""
+    """Modulated 1x1 conv without demodulation, + bias (docs/eg3d.md §3.2)."""
 
     def __init__(self, in_channels, out_channels, w_dim, conv_clamp=None):
         super().__init__()
@@ -177,7 +177,7 @@ class ToRGBLayer(nn.Module):
 
 
 class SynthesisBlock(nn.Module):
-    """One resolution of the StyleGAN2 'skip' generator (eg3d.md §3.1-3.2).
+    """One resolution of the StyleGAN2 'skip' generator (docs/eg3d.md §3.1-3.2).
 
     use_fp16 marks the super-resolution blocks that the official code runs in fp16 on CUDA;
     `precision` in forward decides whether that happens here.
@@ -211,7 +211,7 @@ class SynthesisBlock(nn.Module):
         w_iter = iter(ws.unbind(dim=1))
         dtype = torch.float16 if (self.use_fp16 and fp16) else torch.float32
         if fused_modconv is None:
-            # 'inference_only' (eg3d.md §1.1): grouped conv in eval mode, shared conv in training.
+            # 'inference_only' (docs/eg3d.md §1.1): grouped conv in eval mode, shared conv in training.
             fused_modconv = not self.training
         if self.in_channels == 0:
             x = self.const.to(dtype).unsqueeze(0).repeat([ws.shape[0], 1, 1, 1])
@@ -227,7 +227,7 @@ class SynthesisBlock(nn.Module):
 
 
 class SynthesisNetwork(nn.Module):
-    """W+ -> tri-plane image [N, 3*C, R, R] (eg3d.md §3). Blocks b4 ... b{R}."""
+    """W+ -> tri-plane image [N, 3*C, R, R] (docs/eg3d.md §3). Blocks b4 ... b{R}."""
 
     def __init__(self, w_dim, img_resolution, img_channels, channel_base=32768, channel_max=512):
         super().__init__()
@@ -254,7 +254,7 @@ class SynthesisNetwork(nn.Module):
         w_idx = 0
         for res in self.block_resolutions:
             block = getattr(self, f"b{res}")
-            # The torgb of block k shares its w with conv0 of block k+1 (eg3d.md §3.1).
+            # The torgb of block k shares its w with conv0 of block k+1 (docs/eg3d.md §3.1).
             cur_ws = ws.narrow(1, w_idx, block.num_conv + block.num_torgb)
             w_idx += block.num_conv
             x, img = block(x, img, cur_ws, noise_mode=noise_mode, fused_modconv=fused_modconv, generator=generator)

@@ -1,4 +1,4 @@
-"""Plain-PyTorch versions of the StyleGAN2 operations EG3D uses (eg3d.md §3.2, §8.2).
+"""Plain-PyTorch versions of the StyleGAN2 operations EG3D uses (docs/eg3d.md §3.2, §8.2).
 
 The official code runs these through JIT-compiled CUDA plugins (bias_act, upfirdn2d) with a
 reference fallback; here there is only the readable reference, which autograd differentiates
@@ -16,7 +16,7 @@ LRELU_SLOPE = 0.2
 
 
 def normalize_2nd_moment(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
-    """eg3d.md §2.2: v * rsqrt(mean(v^2) + 1e-8)."""
+    """docs/eg3d.md §2.2: v * rsqrt(mean(v^2) + 1e-8)."""
     return x * (x.square().mean(dim=dim, keepdim=True) + eps).rsqrt()
 
 
@@ -30,7 +30,7 @@ def bias_act(
     """Add a per-channel bias (dim 1), apply the activation, multiply by gain, then clamp.
 
     `lrelu` is leaky ReLU with slope 0.2 and a default gain of sqrt(2); `linear` has gain 1
-    (eg3d.md §2.1, §3.2).
+    (docs/eg3d.md §2.1, §3.2).
     """
     if b is not None:
         shape = [1] * x.ndim
@@ -52,7 +52,7 @@ def bias_act(
 
 
 def setup_filter(taps=(1, 3, 3, 1)) -> torch.Tensor:
-    """The 2-D [1,3,3,1] FIR filter: outer product normalised to sum 1 (eg3d.md Appendix A)."""
+    """The 2-D [1,3,3,1] FIR filter: outer product normalised to sum 1 (docs/eg3d.md Appendix A)."""
     f = torch.as_tensor(taps, dtype=torch.float32)
     f = torch.outer(f, f)
     return f / f.sum()
@@ -101,7 +101,7 @@ def fold_fir_into_weight(wt: torch.Tensor, f: torch.Tensor, gain: float = 1.0) -
 
 
 def upsample2d(x: torch.Tensor, f: torch.Tensor, up: int = 2) -> torch.Tensor:
-    """The skip-image 2x upsampler (eg3d.md §3.2): zero-padded, NOT F.interpolate bilinear."""
+    """The skip-image 2x upsampler (docs/eg3d.md §3.2): zero-padded, NOT F.interpolate bilinear."""
     fw = f.shape[-1]
     p = ((fw + up - 1) // 2, (fw - up) // 2)
     return upfirdn2d(x, f, up=up, padding=(p[0], p[1], p[0], p[1]), gain=up * up)
@@ -118,7 +118,7 @@ def conv2d_resample(
 ) -> torch.Tensor:
     """3x3 conv, optionally with 2x upsampling, as StyleGAN2's conv2d_resample does it.
 
-    up=2 (eg3d.md §3.2, step 4): a stride-2 transposed convolution with the weight transposed
+    up=2 (docs/eg3d.md §3.2, step 4): a stride-2 transposed convolution with the weight transposed
     but not flipped, giving (2H+1)^2, then the [1,3,3,1] FIR with padding 1 and gain 4.
     up=1: a plain cross-correlation with the given padding.
 
@@ -165,7 +165,7 @@ def modulated_conv2d(
     fused_modconv: bool = True,
     fold_filter: bool = False,
 ) -> torch.Tensor:
-    """StyleGAN2 modulated convolution (eg3d.md §3.2, step 2-5).
+    """StyleGAN2 modulated convolution (docs/eg3d.md §3.2, step 2-5).
 
     fused_modconv=True builds per-sample weights and runs one grouped convolution (the
     official eval-mode path); False scales the activations before and after one shared-weight
@@ -174,7 +174,7 @@ def modulated_conv2d(
     batch = x.shape[0]
     out_ch, in_ch, kh, kw = weight.shape
     if x.dtype == torch.float16 and demodulate:
-        # eg3d.md §3.2: fp16-only pre-normalisation; demodulation cancels it, rounding does not.
+        # docs/eg3d.md §3.2: fp16-only pre-normalisation; demodulation cancels it, rounding does not.
         weight = weight * (1 / math.sqrt(in_ch * kh * kw) / weight.norm(float("inf"), dim=[1, 2, 3], keepdim=True))
         styles = styles / styles.norm(float("inf"), dim=1, keepdim=True)
     w = None

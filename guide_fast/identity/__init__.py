@@ -1,5 +1,5 @@
 """Face networks of GUIDE: IR-SE50 (ID loss), IR-101 (ID metric), MTCNN alignment, the
-identity scorer and its ONNX / TensorRT export (face_models.md §1-2, §5; guide.md §3.5, §4.2).
+identity scorer and its ONNX / TensorRT export (docs/face_models.md §1-2, §5; docs/guide.md §3.5, §4.2).
 
 facenet-pytorch, onnx, onnxruntime and tensorrt are imported only when used.
 """

@@ -1,6 +1,6 @@
 """Face detection (MTCNN from facenet-pytorch, its bundled weights) and 5-point alignment.
 
-GUIDE's evaluation (guide.md §4.2, face_models.md §2.3) detects 5 landmarks with MTCNN, fits a
+GUIDE's evaluation (docs/guide.md §4.2, docs/face_models.md §2.3) detects 5 landmarks with MTCNN, fits a
 least-squares similarity transform onto fixed reference points in a 112x112 square (MATLAB
 `cp2tform('similarity')` semantics: a reflected variant is fitted too and the better one kept),
 and warps the uint8 RGB image with `cv2.warpAffine` (bilinear, black border). This module does
@@ -13,7 +13,7 @@ the same without OpenCV:
 * `align_face(image)` -> `AlignedFace` (the largest face by default; another by index; strict
   mode refuses several faces and lists them; no face -> `NoFaceError`).
 
-Detector differences from GUIDE's own MTCNN port (face_models.md §5.1 table): facenet-pytorch's
+Detector differences from GUIDE's own MTCNN port (docs/face_models.md §5.1 table): facenet-pytorch's
 P-Net softmax, pyramid resize and landmark offset differ; on a clean frontal face the 5 points
 agree with GUIDE's to about 1 px (§5.3). We keep facenet-pytorch's landmarks unchanged.
 """
@@ -31,8 +31,8 @@ from ..errors import GuideFastError, InputError
 from .preprocess import normalize_uint8, to_rgb_uint8
 
 # get_reference_facial_points(default_square=True): the 96x112 points with 8 px added to x
-# (face_models.md §2.3 step 3). Order: left eye, right eye, nose, left / right mouth corner, where
-# left/right are image left/right (face_models.md §5.2).
+# (docs/face_models.md §2.3 step 3). Order: left eye, right eye, nose, left / right mouth corner, where
+# left/right are image left/right (docs/face_models.md §5.2).
 REFERENCE_POINTS_112 = np.array(
     [
         [38.29459953, 51.69630051],
@@ -48,7 +48,7 @@ ALIGNED_SIZE = 112
 # facenet-pytorch's defaults: reliable on photos (GUIDE's 0.15/0.25/0.35 give false positives on
 # scikit-image's coffee, rocket and chelsea images).
 DEFAULT_THRESHOLDS = (0.6, 0.7, 0.7)
-# GUIDE's evaluation thresholds (guide.md §4.2): used by IdentityScorer so that faces in degraded
+# GUIDE's evaluation thresholds (docs/guide.md §4.2): used by IdentityScorer so that faces in degraded
 # renders of an unlearned generator are still found, as they are in the official evaluation.
 GUIDE_THRESHOLDS = (0.15, 0.25, 0.35)
 MIN_FACE_SIZE = 20
@@ -145,7 +145,7 @@ def _fit_nonreflective(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
     The fit direction (reference points -> detected points, then inverted) is the one of
     cp2tform's findNonreflectiveSimilarity; it gives a slightly different matrix than fitting
-    src -> dst directly, and the reference matrix of face_models.md §5.3 pins it down.
+    src -> dst directly, and the reference matrix of docs/face_models.md §5.3 pins it down.
     """
     x, y = dst[:, 0], dst[:, 1]
     ones, zeros = np.ones_like(x), np.zeros_like(x)
@@ -201,7 +201,7 @@ def warp_affine(image: np.ndarray, matrix: np.ndarray, size) -> np.ndarray:
 
     When the map shrinks the face by more than 2x (big photos), the image is first box-reduced
     by an integer factor so that the bilinear taps do not alias; GUIDE's 512 renders map at
-    about 0.92x (face_models.md §5.3) and are never reduced.
+    about 0.92x (docs/face_models.md §5.3) and are never reduced.
     """
     out_w, out_h = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     img = np.ascontiguousarray(image)

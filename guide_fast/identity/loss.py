@@ -1,4 +1,4 @@
-"""GUIDE's identity loss (guide.md §3.5, face_models.md §1.4): 1 - cos between IR-SE50
+"""GUIDE's identity loss (docs/guide.md §3.5, docs/face_models.md §1.4): 1 - cos between IR-SE50
 embeddings of the pSp-cropped renders, the target branch detached."""
 from __future__ import annotations
 

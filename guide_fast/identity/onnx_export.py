@@ -29,7 +29,7 @@ def export_onnx(backbone: torch.nn.Module, path, *, opset: int = DEFAULT_OPSET, 
 
     exporter: "legacy" (TorchScript-based; no extra dependency, one self-contained file),
     "dynamo" (torch.export-based; needs onnxscript) or "auto" (legacy where this torch still has
-    it, else dynamo). Both were checked to agree with torch to ~1e-7 (environment.md).
+    it, else dynamo). Both were checked to agree with torch to ~1e-7 (docs/environment.md §4).
     """
     import onnx
 

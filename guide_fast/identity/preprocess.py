@@ -1,4 +1,4 @@
-"""The two preprocessing paths of the official code (face_models.md §1.4 and §2.3).
+"""The two preprocessing paths of the official code (docs/face_models.md §1.4 and §2.3).
 
 * ID-loss path (`idloss_crop`): differentiable, on generator renders in [-1, 1]:
   bilinear resize to 256 (align_corners=False, no antialias) -> crop rows 35:223, columns
@@ -38,7 +38,7 @@ def idloss_crop(images: torch.Tensor) -> torch.Tensor:
 
 def normalize_uint8(images) -> torch.Tensor:
     """uint8 RGB images [N,H,W,3] (array or tensor) or [H,W,3] -> float [N,3,H,W] in [-1,1]:
-    ToTensor (/255) then Normalize([0.5]*3, [0.5]*3) (face_models.md §2.3 step 4)."""
+    ToTensor (/255) then Normalize([0.5]*3, [0.5]*3) (docs/face_models.md §2.3 step 4)."""
     t = torch.as_tensor(np.ascontiguousarray(images) if isinstance(images, np.ndarray) else images)
     if t.dtype != torch.uint8:
         raise InputError(f"normalize_uint8 expects uint8 images, got {t.dtype}")
@@ -52,7 +52,7 @@ def normalize_uint8(images) -> torch.Tensor:
 
 def renders_to_uint8(images: torch.Tensor) -> np.ndarray:
     """[N,3,H,W] (or [3,H,W]) renders in [-1,1] -> uint8 [N,H,W,3], as GUIDE saves its PNGs:
-    (x * 127.5 + 128).clamp(0, 255) truncated to uint8 (guide.md §4.2 evaluates those files)."""
+    (x * 127.5 + 128).clamp(0, 255) truncated to uint8 (docs/guide.md §4.2 evaluates those files)."""
     x = images.detach().float().cpu()
     if x.dim() == 3:
         x = x[None]

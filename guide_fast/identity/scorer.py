@@ -2,7 +2,7 @@
 backend for the network (torch, onnxruntime, tensorrt) and of preprocessing.
 
 Preprocessing (`align`):
-* "mtcnn": GUIDE's evaluation path (guide.md §4.2, face_models.md §2.3): MTCNN 5 landmarks
+* "mtcnn": GUIDE's evaluation path (docs/guide.md §4.2, docs/face_models.md §2.3): MTCNN 5 landmarks
   (facenet-pytorch, its bundled weights; GUIDE's thresholds 0.15/0.25/0.35 and its choice of the
   most probable face), similarity warp onto the 112x112 reference points, x / 127.5 - 1.
   Float renders in [-1, 1] are first turned into uint8 as GUIDE saves its PNGs.

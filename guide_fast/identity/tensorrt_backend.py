@@ -1,6 +1,6 @@
 """TensorRT backend: an fp16 engine built from the exported ONNX file, cached on disk.
 
-TensorRT is optional (it cannot be installed on the project's CPU machines, environment.md):
+TensorRT is optional (it cannot be installed on the project's CPU machines, docs/environment.md §4):
 everything here imports `tensorrt` lazily and `require_tensorrt()` names what is missing.
 The engine cache key is (sha256 of the ONNX file, TensorRT version, GPU name, max batch): an
 engine is only valid for the TensorRT build and GPU model that produced it, and its

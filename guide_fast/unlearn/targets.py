@@ -1,4 +1,4 @@
-"""Latent-space constructions of GUIDE: the UFO target and the adjacent latents (guide.md §3.4-3.5)."""
+"""Latent-space constructions of GUIDE: the UFO target and the adjacent latents (docs/guide.md §3.4-3.5)."""
 from __future__ import annotations
 
 import torch
@@ -8,12 +8,12 @@ from ..errors import InputError
 
 def frobenius(x: torch.Tensor) -> torch.Tensor:
     """Norm over the whole W+ tensor of each sample ([N, L, D] -> [N, 1, 1]), not per layer
-    (guide.md §3.4: the norm is taken over all 14 x 512 entries)."""
+    (docs/guide.md §3.4: the norm is taken over all 14 x 512 entries)."""
     return x.flatten(1).norm(dim=1).reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def target_latent(w_source: torch.Tensor, w_avg: torch.Tensor, mode: str = "extra", distance: float = 30.0) -> torch.Tensor:
-    """UFO (guide.md §3.4).
+    """UFO (docs/guide.md §3.4).
 
     extra:   w_t = w_avg - d * (w_u - w_avg) / ||w_u - w_avg||_F  (average face pushed away)
     average: w_t = w_avg                                           (the README baseline)
@@ -32,7 +32,7 @@ def target_latent(w_source: torch.Tensor, w_avg: torch.Tensor, mode: str = "extr
 
 
 def adjacency_offsets(w_random: torch.Tensor, w_source: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """Delta = alpha * (w_r - w_u) / ||w_r - w_u||_F (guide.md §3.5(b) step 3).
+    """Delta = alpha * (w_r - w_u) / ||w_r - w_u||_F (docs/guide.md §3.5(b) step 3).
 
     w_random [N, K, L, D], w_source [N, L, D], alpha [N, K] -> [N, K, L, D]. The same Delta is
     added to the source and to the target latent.
