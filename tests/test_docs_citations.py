@@ -1,8 +1,9 @@
 """Every spec citation in the repository resolves to a page of docs/ and to a numbered heading
 on that page (docs/README.md describes the scheme).
 
-A citation is a page name followed by a section: `docs/eg3d.md §4.7`, `guide.md §3.5(a)`,
-`face_models.md §1-2`, `eg3d.md Appendix A`. A bare `§N` (a list such as `§1.1, §2.1`, or a
+A citation is a page followed by a section: `docs/eg3d.md §4.7`, `docs/guide.md §3.5(a)`,
+`docs/face_models.md §1-2`, `docs/eg3d.md Appendix A` (outside docs/ the page is always written
+with its `docs/` prefix). A bare `§N` (a list such as `§1.1, §2.1`, or a
 later reference in the same file) belongs to the nearest page named before it in the file
 (the first one after it when none comes before); inside a docs page, a bare `§N` that does not
 continue a list after another page's name refers to that page itself. Citations of the old
@@ -11,6 +12,7 @@ spec locations outside the repository are refused, and so are citations by secti
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -50,7 +52,8 @@ def scanned_files() -> list[Path]:
     return files
 
 
-def doc_sections(page: str) -> set[str] | None:
+@lru_cache(maxsize=None)
+def doc_sections(page: str) -> frozenset[str] | None:
     """Numbers ('4.7') and appendices ('Appendix A') with a heading on docs/<page>.md, None if no page."""
     path = DOCS / f"{page}.md"
     if not path.is_file():
@@ -58,7 +61,7 @@ def doc_sections(page: str) -> set[str] | None:
     out = set()
     for m in HEADING_RE.finditer(path.read_text(encoding="utf-8")):
         out.add(m["num"] if m["num"] else f"Appendix {m['appendix']}")
-    return out
+    return frozenset(out)
 
 
 def _is_spec_page(m: re.Match) -> bool:
@@ -68,7 +71,8 @@ def _is_spec_page(m: re.Match) -> bool:
 
 def citations(path: Path, text: str):
     """(line, cited text, page, section or None, problem or None) for every citation in text."""
-    own_page = path.stem if path.parent == DOCS and doc_sections(path.stem) else None
+    in_docs = path.parent == DOCS
+    own_page = path.stem if in_docs and doc_sections(path.stem) else None
 
     def line_of(pos: int) -> int:
         return text.count("\n", 0, pos) + 1
@@ -84,6 +88,8 @@ def citations(path: Path, text: str):
             yield line_of(m.start()), cited, m["page"], None, None
         if "docs/" not in m["prefix"] and m["prefix"]:
             yield line_of(m.start()), cited, m["page"], None, "cites a spec outside the repository: cite docs/<page>.md"
+        elif not m["prefix"] and not in_docs:
+            yield line_of(m.start()), cited, m["page"], None, f"write the page as docs/{m['page']}.md"
 
     last_end, last_page = None, None
     for s in SECTION_RE.finditer(text):
@@ -153,13 +159,14 @@ def test_the_scan_sees_the_citations():
 
 
 @pytest.mark.parametrize("text,expected", [
-    ("see docs/eg3d.md §4.1.", [("eg3d", "4.1")]),                       # sentence end
-    ("(eg3d.md §7.1-7.2) embed", [("eg3d", "7.1"), ("eg3d", "7.2")]),     # range
-    ("guide.md §3.5(a): local", [("guide", "3.5")]),
-    ("face_models.md §1.1, §2.1 and later §1.3", [("face_models", "1.1"), ("face_models", "2.1"),
-                                                  ("face_models", "1.3")]),
-    ("guide.md §3.5/§7; eg3d.md §4.5–4.6", [("guide", "3.5"), ("guide", "7"), ("eg3d", "4.5"), ("eg3d", "4.6")]),
-    ("names (eg3d.md Appendix A)", [("eg3d", "Appendix A")]),
+    ("see docs/eg3d.md §4.1.", [("eg3d", "4.1")]),                            # sentence end
+    ("(docs/eg3d.md §7.1-7.2) embed", [("eg3d", "7.1"), ("eg3d", "7.2")]),     # range
+    ("docs/guide.md §3.5(a): local", [("guide", "3.5")]),
+    ("docs/face_models.md §1.1, §2.1 and later §1.3", [("face_models", "1.1"), ("face_models", "2.1"),
+                                                       ("face_models", "1.3")]),
+    ("docs/guide.md §3.5/§7; docs/eg3d.md §4.5–4.6",
+     [("guide", "3.5"), ("guide", "7"), ("eg3d", "4.5"), ("eg3d", "4.6")]),
+    ("names (docs/eg3d.md Appendix A)", [("eg3d", "Appendix A")]),
 ])
 def test_citation_forms(text, expected):
     got = [(page, sec) for _, _, page, sec, problem in citations(ROOT / "x.py", text) if sec and not problem]
@@ -174,6 +181,7 @@ def test_citation_forms(text, expected):
     "a bare §4.2 with no page at all",
     "docs/guide.md §42.7 does not exist",
     "docs/nonexistent.md §1",
+    "eg3d.md §4.7 without the docs/ prefix",
 ])
 def test_bad_citations_are_reported(text):
     assert check_text(ROOT / "x.py", text)
