@@ -1,7 +1,7 @@
 """Evaluation: ID over 11 views + FID_pre on N paired samples (issue 7; docs/performance.md §5 target:
 at most 60 s for N = 5000 on one H100).
 
-Fast path (guide_fast.evaluate): batched renders of both generators, PNG quantisation in
+Fast path (guide_fast.evaluation): batched renders of both generators, PNG quantisation in
 memory, batched Inception and identity features, one Fréchet distance. Reference path (what
 GUIDE's evaluate_fid.py does per sample): batch-1 render of each generator with the PyTorch
 renderer, PNG written and read back through PIL, Inception on the reloaded images.
@@ -156,7 +156,9 @@ def main(argv=None) -> int:
     filename = (args.out.rsplit("/", 1)[-1] if args.out and args.out.endswith(".csv") else "results.csv")
 
     from guide_fast.eg3d.generator import build_generator
-    from guide_fast.evaluate import EvalCamera, _view_embeddings, evaluate, fastest_identity_backend
+    from guide_fast.evaluation import EvalCamera, evaluate, fastest_identity_backend
+    from guide_fast.evaluation.metrics import FaceEmbedder, view_embeddings
+    from guide_fast.plan import ExecutionPlan
     from guide_fast.fid import build_inception
     from guide_fast.identity import IdentityScorer, build_backbone
 
@@ -186,8 +188,10 @@ def main(argv=None) -> int:
     w = source.mapping(torch.randn(1, source.config.z_dim, generator=torch.Generator().manual_seed(123)).to(device),
                        cameras.frontal_label(1).to(device))
     camera = EvalCamera()
+    # the renders' plan: the renderer picked above, fp32 unless --precision bf16
+    plan = ExecutionPlan(device=device, path="fast", renderer=renderer, precision=args.precision)
     kw = dict(w_source=w, scorer=scorer, inception=inception, preserve_samples=0, align="crop", batch_size=bs,
-              device=device, seed=0, precision=args.precision, fid_method=args.fid_method)
+              seed=0, plan=plan, fid_method=args.fid_method)
     print(f"[bench_eval] {preset} {res}x{res} on {common.device_name(device)}, renderer {renderer}, identity "
           f"backend {backend}, setup {time.perf_counter() - t_setup:.1f}s", flush=True)
 
@@ -197,7 +201,7 @@ def main(argv=None) -> int:
     evaluate(source, unlearned, num_fid_samples=bs, **kw)
     warm_s = time.perf_counter() - t0
     calib_n = bs * (2 if on_cuda else 1)
-    calib = evaluate(source, unlearned, num_fid_samples=calib_n, **kw)["timings_s"]
+    calib = evaluate(source, unlearned, num_fid_samples=calib_n, **kw).timings_s
     per_pair = calib["paired_samples_s"] / calib_n
     fixed = calib["id_views_s"] + 2.0  # + the host Fréchet distance (timed separately below)
     fit = int((budget - fixed) / per_pair) // bs * bs
@@ -211,13 +215,13 @@ def main(argv=None) -> int:
         torch.cuda.synchronize(device)
     total = time.perf_counter() - t0
     peak = common.peak_memory_mb(device)
-    tm = result["timings_s"]
+    tm = result.timings_s
     per_pair_meas = tm["paired_samples_s"] / n
     shape = f"N={n} pairs, {preset} {res}x{res}"
     dtype = "bf16 autocast" if args.precision == "bf16" else ("fp32 (SR fp16 on CUDA)" if on_cuda else "fp32")
     rows = []
     extra = (f"1 run; ID 11 views {tm['id_views_s']:.2f}s, paired samples {tm['paired_samples_s']:.2f}s "
-             f"({per_pair_meas * 1e3:.2f} ms/pair), frechet[{result['fid']['method']}] {tm['frechet_s']:.2f}s; "
+             f"({per_pair_meas * 1e3:.2f} ms/pair), frechet[{result.fid['method']}] {tm['frechet_s']:.2f}s; "
              f"renderer {renderer}, batch {bs}")
     if renderer_note:
         extra += f"; {renderer_note}"
@@ -236,8 +240,9 @@ def main(argv=None) -> int:
                                 peak_mb=peak, extra=extra, device=device))
 
     # ID over 11 views alone, repeated.
-    t = common.time_fn(lambda: _view_embeddings(source, unlearned, w, camera, scorer, align="crop", batch_size=bs,
-                                                noise_seed=1, noise_mode="random"),
+    embedder = FaceEmbedder(scorer, "crop", "guide", device)
+    t = common.time_fn(lambda: view_embeddings(source, unlearned, w, camera, embedder, plan=plan, batch_size=bs,
+                                               noise="official", noise_seed=1, noise_mode="random"),
                        warmup=1, repeats=3 if args.quick else 5, device=device)
     rows.append(common.make_row(BENCH, "ID 11 views (1 identity)", path="fast", shape=f"11 pairs, {preset} {res}x{res}",
                                 dtype=dtype, timing=t, device=device, extra=f"identity backend {backend}, align crop"))

@@ -18,7 +18,9 @@ _LAZY = {
     "IdentityScorer": ("guide_fast.identity.scorer", "IdentityScorer"),
     "Unlearner": ("guide_fast.unlearn.engine", "Unlearner"),
     "UnlearnConfig": ("guide_fast.unlearn.config", "UnlearnConfig"),
-    "evaluate": ("guide_fast.evaluate", "evaluate"),
+    "evaluate": ("guide_fast.evaluation", "evaluate"),
+    "EvalConfig": ("guide_fast.evaluation", "EvalConfig"),
+    "EvalResult": ("guide_fast.evaluation", "EvalResult"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -1,4 +1,4 @@
-"""GUIDE's evaluation (guide.md §4) on the tiny preset: metric functions on synthetic inputs,
+"""GUIDE's evaluation (docs/guide.md §4) on the tiny preset: metric functions on synthetic inputs,
 the whole evaluation end to end with random-weight networks, and the CLI."""
 import dataclasses
 import json
@@ -13,9 +13,11 @@ from guide_fast import cameras
 from guide_fast.cli import main as cli_main
 from guide_fast.eg3d.generator import build_generator
 from guide_fast.errors import InputError
-from guide_fast.evaluate import (
+from guide_fast.evaluation import (
     NUM_ID_VIEWS,
     EvalCamera,
+    EvalConfig,
+    EvalResult,
     evaluate,
     paired_cosine,
     pairwise_identity_similarity,
@@ -145,21 +147,21 @@ def test_eval_camera_views_are_guides():
 
 # ------------------------------------------------------------------------ end to end
 def test_identical_generators_score_perfectly_and_a_changed_one_does_not(source, unlearned, inception):
-    """Same z, same camera and the same noise draws on both sides (guide.md §4.4 pairing): a
+    """Same z, same camera and the same noise draws on both sides (docs/guide.md §4.4 pairing): a
     generator compared with itself has ID exactly 1 and FID_pre 0; a changed one does not."""
     scorer = ProjectionScorer()
     w = _latents(source, 1, seed=5)
     kw = dict(w_source=w, scorer=scorer, inception=inception, num_fid_samples=4, preserve_samples=4, align="crop",
-              batch_size=4, seed=3)
+              batch_size=4, seed=3, noise="paired")
     same = evaluate(source, source.copy(), **kw)
-    assert same["metrics"]["id"] == pytest.approx(1.0, abs=1e-7)
-    assert same["metrics"]["preservation"] == pytest.approx(1.0, abs=1e-7)
-    assert abs(same["metrics"]["fid_pre"]) < 1e-9
+    assert same.metrics["id"] == pytest.approx(1.0, abs=1e-7)
+    assert same.metrics["preservation"] == pytest.approx(1.0, abs=1e-7)
+    assert abs(same.metrics["fid_pre"]) < 1e-9
     changed = evaluate(source, unlearned, **kw)
-    assert changed["metrics"]["id"] < 0.999
-    assert changed["metrics"]["preservation"] < 0.999
-    assert changed["metrics"]["fid_pre"] > 1e3 * max(abs(same["metrics"]["fid_pre"]), 1e-12)
-    assert len(changed["id"]["per_view"]) == NUM_ID_VIEWS
+    assert changed.metrics["id"] < 0.999
+    assert changed.metrics["preservation"] < 0.999
+    assert changed.metrics["fid_pre"] > 1e3 * max(abs(same.metrics["fid_pre"]), 1e-12)
+    assert len(changed.id["per_view"]) == NUM_ID_VIEWS
 
 
 def test_evaluate_end_to_end_all_metrics_and_outputs(tmp_path, source, unlearned, inception):
@@ -173,28 +175,28 @@ def test_evaluate_end_to_end_all_metrics_and_outputs(tmp_path, source, unlearned
     result = evaluate(source, unlearned, w_source=w, scorer=ProjectionScorer(), inception=inception, others=others,
                       num_fid_samples=6, real_features=real, preserve_samples=4, align="crop", batch_size=11,
                       seed=0, out_dir=out, run_report=report)
-    m = result["metrics"]
+    m = result.metrics
     for key in ("id", "id_others", "id_avg", "preservation", "fid_pre", "delta_fid_real",
                 "diversity_cosine_after", "diversity_cosine_before"):
         assert m[key] is not None and np.isfinite(m[key]), key
     assert -1 <= m["id"] <= 1 and -1 <= m["id_others"] <= 1
-    assert len(result["id"]["per_identity"]) == 2 and len(result["id"]["per_identity"][0]) == NUM_ID_VIEWS
-    assert result["id"]["pairs_scored"] == 2 * NUM_ID_VIEWS
-    # ID_avg is the mean over every pair, target and others (guide.md §4.2)
+    assert len(result.id["per_identity"]) == 2 and len(result.id["per_identity"][0]) == NUM_ID_VIEWS
+    assert result.id["pairs_scored"] == 2 * NUM_ID_VIEWS
+    # ID_avg is the mean over every pair, target and others (docs/guide.md §4.2)
     n_t, n_o = 2 * NUM_ID_VIEWS, NUM_ID_VIEWS
     assert m["id_avg"] == pytest.approx((m["id"] * n_t + m["id_others"] * n_o) / (n_t + n_o))
-    assert result["diversity"]["identities"] == 2
+    assert result.diversity["identities"] == 2
     assert m["fid_pre"] > 0
-    fid = result["fid"]
+    fid = result.fid
     assert fid["samples"] == 6 and fid["method"] == "gram" and fid["inception_weights"]["standard"] is False
     assert m["delta_fid_real"] == pytest.approx(fid["real"]["fid_real_unlearned"] - fid["real"]["fid_real_source"])
-    assert any("rank-deficient" in n for n in result["notes"])
+    assert any("rank-deficient" in n for n in result.notes)
 
     written = json.loads((out / "eval.json").read_text())
     assert written["metrics"] == pytest.approx(m)
     assert written["settings"]["view_yaws"] == pytest.approx(np.linspace(-math.pi / 12, math.pi / 12, 11).tolist())
     for name in ("id_per_view.png", "loss_curves.png", "diversity.png", "views.png"):
-        assert name in result["files"]
+        assert name in result.files
         with Image.open(out / name) as im:
             assert im.format == "PNG" and im.size[0] > 100
     with Image.open(out / "views.png") as im:  # label column + 11 views of 64 px; rows: source, unlearned
@@ -347,3 +349,97 @@ def test_fid_from_features_used_by_evaluate_is_the_standard_formula():
     rng = np.random.default_rng(4)
     a, b = rng.standard_normal((20, 40)), rng.standard_normal((25, 40)) * 1.3
     assert fid_from_features(a, b, method="gram") == pytest.approx(fid_from_features(a, b, method="sqrtm"), rel=1e-6)
+
+
+# ------------------------------------------------------------------------ noise schemes
+def test_noise_schemes_draw_independently_or_identically():
+    from guide_fast.evaluation.noise import side_generators, side_seeds
+
+    b, a = side_seeds("paired", 17)
+    assert b == a
+    b2, a2 = side_seeds("official", 17)
+    assert b2 == b and a2 != a  # the before side draws the same in both schemes
+    g_b, g_a = side_generators("official", 17, "cpu")
+    assert not torch.equal(torch.randn(8, generator=g_b), torch.randn(8, generator=g_a))
+    g_b, g_a = side_generators("paired", 17, "cpu")
+    assert torch.equal(torch.randn(8, generator=g_b), torch.randn(8, generator=g_a))
+    with pytest.raises(InputError, match="noise"):
+        side_seeds("shared", 1)
+
+
+def test_official_noise_renders_the_two_sides_with_different_draws(source):
+    from guide_fast.evaluation.metrics import render_pairs
+    from guide_fast.plan import ExecutionPlan
+
+    plan = ExecutionPlan.reference("cpu")
+    w = _latents(source, 2, seed=4)
+    labels = EvalCamera().labels(torch.zeros(2), "cpu")
+    kw = dict(plan=plan, noise_seed=9, noise_mode="random")
+    paired = render_pairs(source, source, w, w, labels, noise="paired", **kw)
+    official = render_pairs(source, source, w, w, labels, noise="official", **kw)
+    assert torch.equal(paired[0], paired[1])          # same generator, same draws: same image
+    assert not torch.equal(official[0], official[1])  # same generator, other draws: another image
+    assert torch.equal(official[0], paired[0])        # the before side is the same in both schemes
+
+
+def test_evaluate_defaults_to_official_noise_and_guides_detector(source):
+    w = _latents(source, 1, seed=5)
+    kw = dict(w_source=w, scorer=ProjectionScorer(), num_fid_samples=0, preserve_samples=2, align="crop",
+              batch_size=11, seed=3)
+    official = evaluate(source, source.copy(), **kw)
+    assert official.settings["noise"] == "official"
+    assert official.metrics["id"] < 1 - 1e-6 and official.metrics["preservation"] < 1 - 1e-6
+    paired = evaluate(source, source.copy(), noise="paired", **kw)
+    assert paired.settings["noise"] == "paired" and paired.metrics["id"] == pytest.approx(1.0, abs=1e-7)
+    assert EvalConfig().detector == "guide" and EvalConfig().noise == "official"
+
+
+# ------------------------------------------------------------------------ config and result
+def test_eval_config_and_result(tmp_path, source):
+    with pytest.raises(InputError, match="unknown evaluation setting"):
+        EvalConfig.build(num_samples=3)
+    with pytest.raises(InputError, match="detector"):
+        EvalConfig(detector="dlib")
+    with pytest.raises(InputError, match="noise"):
+        EvalConfig(noise="shared")
+    cfg = EvalConfig.build(EvalConfig(seed=4), batch_size=3)
+    assert (cfg.seed, cfg.batch_size, cfg.num_fid_samples) == (4, 3, 5000)
+
+    w = _latents(source, 1, seed=5)
+    result = evaluate(source, source.copy(), w_source=w, scorer=ProjectionScorer(), config=EvalConfig(
+        num_fid_samples=0, preserve_samples=0, align="crop", batch_size=11, noise="paired"), out_dir=tmp_path)
+    assert isinstance(result, EvalResult)
+    d = result.to_dict()
+    assert list(d)[:4] == ["format", "format_version", "metrics", "settings"]
+    assert set(d["metrics"]) == {"id", "id_others", "id_avg", "preservation", "fid_pre", "delta_fid_real",
+                                 "diversity_cosine_after", "diversity_cosine_before"}
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert written == json.loads(result.to_json())
+    assert written["settings"]["noise"] == "paired" and written["settings"]["detector"] is None  # crop: no detector
+    assert written["settings"]["plan"]["renderer"] == "reference" and written["settings"]["precision"] == "fp32"
+    back = EvalResult.from_dict(written)
+    assert back.metrics == result.metrics and back.files == result.files
+    with pytest.raises(InputError, match="not a guide-fast evaluation"):
+        EvalResult.from_dict({"format": "other"})
+
+    import guide_fast
+
+    assert guide_fast.evaluate is evaluate and guide_fast.EvalResult is EvalResult and guide_fast.EvalConfig is EvalConfig
+
+
+def test_guide_detector_path_embeds_the_aligned_crop():
+    """align 'mtcnn' + detector 'guide': GUIDE's MTCNN and cv2 warp on the PNG levels, then the
+    scorer on the 112x112 crop; NaN where no face is found."""
+    skimage_data = pytest.importorskip("skimage.data")
+    pytest.importorskip("facenet_pytorch")
+    from guide_fast.evaluation.metrics import FaceEmbedder
+    from guide_fast.identity import guide_mtcnn
+    from guide_fast.identity.preprocess import normalize_uint8
+
+    face = skimage_data.astronaut()
+    levels = torch.from_numpy(np.stack([face, np.zeros_like(face)])).permute(0, 3, 1, 2).float()
+    scorer = ProjectionScorer()
+    emb = FaceEmbedder(scorer, "mtcnn", "guide", "cpu")(levels)
+    assert emb.shape == (2, 64) and torch.isfinite(emb[0]).all() and torch.isnan(emb[1]).all()
+    crop = guide_mtcnn.align([face])[0].image
+    torch.testing.assert_close(emb[0], scorer.embed(normalize_uint8(crop))[0])

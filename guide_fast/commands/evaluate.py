@@ -1,4 +1,10 @@
-"""`guide-fast evaluate`: GUIDE's metrics (guide.md §4) for an unlearning run or a pair of generators."""
+"""`guide-fast evaluate`: GUIDE's metrics (docs/guide.md §4) for an unlearning run or a pair of generators.
+
+--detector guide (the default) aligns faces for the ID metric with GUIDE's own MTCNN port, as its
+evaluate_id.py does (identity/guide_mtcnn.py); --detector facenet uses facenet-pytorch's MTCNN
+(landmarks 1-3 px apart). --noise official (the default) renders the before and after sides with
+independent noise draws as GUIDE's scripts do; --noise paired gives both sides the same draws.
+eval.json records both choices under "settings"."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,7 +21,7 @@ def add_commands(sub) -> None:
     p = sub.add_parser(
         "evaluate",
         help="ID, ID_others, preservation, FID_pre, ΔFID_real and diversity of an unlearned generator",
-        description="Compare an unlearned generator with its source (guide.md §4). Either --run DIR (the output "
+        description="Compare an unlearned generator with its source (docs/guide.md §4). Either --run DIR (the output "
                     "of `guide-fast unlearn`) or --source/--unlearned/--latent. Writes eval.json and PNG plots.",
     )
     p.add_argument("--run", metavar="DIR", help="run directory written by `guide-fast unlearn --out DIR`")
@@ -33,6 +39,12 @@ def add_commands(sub) -> None:
     p.add_argument("--real-features", metavar="F.npy", help="[N, 2048] Inception features of real images -> ΔFID_real")
     p.add_argument("--samples", type=int, default=5000, help="paired samples for FID_pre (GUIDE: 5000; 0 skips)")
     p.add_argument("--preserve", type=int, default=256, help="random identities scored for preservation (0 skips)")
+    p.add_argument("--detector", choices=["guide", "facenet"], default="guide",
+                   help="MTCNN of the mtcnn alignment: guide (GUIDE's own port, as its evaluate_id.py; the default, "
+                        "for numbers comparable with the paper) or facenet (facenet-pytorch's detector)")
+    p.add_argument("--noise", choices=["official", "paired"], default="official",
+                   help="noise draws of the before/after (and G_s/G_u) renders: official (independent, as GUIDE; "
+                        "the default) or paired (the same draws on both sides: lower variance, for comparing runs)")
     p.add_argument("--align", choices=["mtcnn", "crop"], default=None,
                    help="face alignment before IR-101: mtcnn (GUIDE; the default) or the ID-loss crop (the default "
                         "with --random-nets: random renders hold no face MTCNN could find)")
@@ -76,12 +88,6 @@ def _has_tensor(path: Path, key: str) -> bool:
         return key in f.keys()
 
 
-def _renderer(choice: str, device) -> str:
-    if choice != "auto":
-        return choice
-    return "triton" if device.type == "cuda" else "reference"
-
-
 def _load_generator(spec, renderer, device, what):
     from ..errors import CheckpointError
     from .generator import resolve_generator
@@ -97,7 +103,7 @@ def _load_run(run_dir: Path, renderer, device, notes: list):
 
     The source named in report.json is checked against the delta's fingerprint of its source;
     when it cannot be found (or differs), the source is rebuilt as unlearned - delta, which is
-    what the run started from up to fp32 rounding."""
+    what the run started from, bit for bit."""
     import json
 
     from ..checkpoints import apply_delta, load_delta, load_generator, state_fingerprint
@@ -139,8 +145,8 @@ def _load_run(run_dir: Path, renderer, device, notes: list):
     if source is None:
         if delta is None:
             raise CheckpointError(f"{why}; and {run_dir} has no delta.safetensors to rebuild it from: pass --source")
-        source = apply_delta(unlearned.copy(), delta, meta, sign=-1.0, check_source=False)
-        notes.append(f"{why}; the source was rebuilt as unlearned - delta (equal up to fp32 rounding)")
+        source = apply_delta(unlearned.copy(), delta, meta, sign=-1)  # checks unlearned is the delta's result
+        notes.append(f"{why}; the source was rebuilt as unlearned - delta (bit-exact)")
     return source, unlearned, w_source, report
 
 
@@ -148,7 +154,7 @@ def _evaluate(args) -> int:
     import json
 
     from ..errors import InputError
-    from ..evaluate import evaluate, make_scorer
+    from ..evaluation import EvalConfig, evaluate, make_scorer
     from ..io import check_output_path, staged_folder
 
     device = resolve_device(args.device)
@@ -172,7 +178,13 @@ def _evaluate(args) -> int:
             check_output_path(out, "folder", "--out" if args.out else "--run", keep_contents=True)
     else:
         check_output_path(out, "folder", "--out", overwrite=args.overwrite)
-    renderer = _renderer(args.renderer, device)
+    from ..plan import ExecutionPlan
+
+    # the renders' execution: the chosen renderer, fp32 (GUIDE's numerics) unless --precision bf16;
+    # the official operators and no graph capture (evaluation renders each batch once)
+    plan = ExecutionPlan.resolve(device, path="fast", renderer=args.renderer, precision=args.precision,
+                                 upsample_conv="reference", cuda_graph=False, compile=False)
+    renderer = plan.renderer
     notes: list[str] = []
     if args.run:
         source, unlearned, w_source, report = _load_run(run_dir, renderer, device, notes)
@@ -189,7 +201,7 @@ def _evaluate(args) -> int:
         report = None
     others = load_latents(args.others, "--others latent file") if args.others else None
     if others is None and args.run and _has_tensor(Path(args.run) / "latents.safetensors", "w_others"):
-        # `guide-fast unlearn --others DIR` inverted the other photos of the person (guide.md §4.3)
+        # `guide-fast unlearn --others DIR` inverted the other photos of the person (docs/guide.md §4.3)
         others = load_latents(Path(args.run) / "latents.safetensors", "run latents", key="w_others")
         notes.append(f"ID_others from the {others.shape[0]} other photo(s) inverted by the unlearning run")
 
@@ -236,15 +248,14 @@ def _evaluate(args) -> int:
     else:
         staging = staged_folder(out, flag="--out", overwrite=args.overwrite)
     with staging as stage:  # the files appear together once all are written
-        result = evaluate(
-            source, unlearned, w_source=w_source, scorer=scorer, inception=inception, others=others,
-            num_fid_samples=args.samples, real_features=args.real_features, preserve_samples=args.preserve,
-            diversity_generators=diversity, align=align, batch_size=batch_size, seed=args.seed, device=device,
-            out_dir=stage, run_report=report, fid_method=args.fid_method, precision=args.precision,
-            verbose=not args.quiet, notes=notes,
-        )
-    print(json.dumps(result["metrics"], indent=2))
-    for note in result["notes"]:
+        config = EvalConfig(num_fid_samples=args.samples, preserve_samples=args.preserve, align=align,
+                            detector=args.detector, noise=args.noise, batch_size=batch_size, seed=args.seed,
+                            fid_method=args.fid_method, plan=plan, verbose=not args.quiet)
+        result = evaluate(source, unlearned, w_source=w_source, scorer=scorer, inception=inception, others=others,
+                          real_features=args.real_features, diversity_generators=diversity, out_dir=stage,
+                          run_report=report, notes=notes, config=config)
+    print(json.dumps(result.metrics, indent=2))
+    for note in result.notes:
         print(f"note: {note}")
-    print(f"wrote {', '.join(str(out / f) for f in result['files'])}")
+    print(f"wrote {', '.join(str(out / f) for f in result.files)}")
     return 0

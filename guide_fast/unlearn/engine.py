@@ -20,6 +20,7 @@ import torch
 
 from .. import cameras
 from ..errors import GuideFastError, InputError
+from ..evaluation.views import view_yaws as evaluation_view_yaws
 from .config import UnlearnConfig
 from .steps import LOSS_NAMES, FastStep, ReferenceStep, sample_draws
 from .targets import target_latent
@@ -49,9 +50,9 @@ def latents_from_seeds(gen, seeds, truncation_psi: float = 1.0, fov_degrees: flo
 
 
 def view_yaws(cfg: UnlearnConfig) -> list[float]:
-    """guide.md §3.6: 11 views, yaw linspace(-pi/12, pi/12, 11), pitch -0.2."""
-    v = cfg.eval_views
-    return [0.0] if v == 1 else [(-cfg.yaw_range + 2 * cfg.yaw_range * i / (v - 1)) for i in range(v)]
+    """docs/guide.md §3.6: the evaluation views (defined in evaluation/views.py), cfg.eval_views
+    of them over ±cfg.yaw_range at pitch cfg.pitch."""
+    return evaluation_view_yaws(cfg.yaw_range, cfg.eval_views)
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..evaluation.views import score_view_renders
 from ..io import save_image, to_uint8, write_json
 
 OUTPUT_FILES = ("generator.safetensors", "delta.safetensors", "latents.safetensors", "grid.png", "report.json")
@@ -35,25 +36,17 @@ def environment() -> dict:
 
 
 def identity_similarity(result, scorer) -> dict:
-    """Cosine similarity of the scorer's embeddings of each view rendered before vs after
-    (guide.md §4.2; lower = identity removed), and of after vs the UFO target."""
+    """Identity similarity of each view rendered before vs after (docs/guide.md §4.2; lower =
+    identity removed), and of after vs the UFO target, scored over the views as evaluation does
+    (evaluation/views.py)."""
     before, after, target = (result.renders[k] for k in ("before", "after", "target"))
-    n, v = before.shape[:2]
-    flat = lambda x: x.reshape(n * v, *x.shape[2:])  # noqa: E731
-    s_ba = scorer.similarity(flat(before), flat(after))
-    s_at = scorer.similarity(flat(after), flat(target))
-    s_ba = torch.as_tensor(s_ba, dtype=torch.float32).reshape(n, v)
-    s_at = torch.as_tensor(s_at, dtype=torch.float32).reshape(n, v)
-
-    def mean(t):
-        t = t[torch.isfinite(t)]
-        return float(t.mean()) if t.numel() else None
-
+    s_ba = score_view_renders(scorer, before, after)
+    s_at = score_view_renders(scorer, after, target)
     return {
-        "before_vs_after_per_view": [[None if not np.isfinite(x) else float(x) for x in row] for row in s_ba.tolist()],
-        "before_vs_after_mean": mean(s_ba),
-        "after_vs_target_mean": mean(s_at),
-        "views_without_face": int((~torch.isfinite(s_ba)).sum()),
+        "before_vs_after_per_view": s_ba["per_identity"],
+        "before_vs_after_mean": s_ba["mean"],
+        "after_vs_target_mean": s_at["mean"],
+        "views_without_face": s_ba["pairs"] - s_ba["pairs_scored"],
         "scorer": getattr(scorer, "description", type(scorer).__name__),
     }
 
