@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoints import sha256_file
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, InputError, describe_state_mismatch
 
 FEATURE_DIM = 2048
 #: torch.hub's file-naming convention puts the first hex digits of the file's sha256 in its
@@ -309,9 +309,7 @@ def load_inception(path, device=None) -> FIDInception:
     model = FIDInception()
     expected = model.state_dict()
     optional = {k for k in expected if k.endswith("num_batches_tracked") or k.startswith("fc.")}
-    from .checkpoints.keys import describe_mismatch
-
-    problems = describe_mismatch(state, expected, optional)
+    problems = describe_state_mismatch(state, expected, optional)
     if problems:
         raise CheckpointError(
             f"{path} is not the FID Inception weights ({STANDARD_WEIGHTS_NAME}, torchvision Inception3 "
