@@ -21,26 +21,3 @@ def check_finite(name: str, tensor) -> None:
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise InputError(f"{name} contains {bad} non-finite value(s) (NaN or inf)")
-
-
-def describe_state_mismatch(state, expected, optional=(), limit: int = 4) -> str:
-    """'' if the tensors of `state` match `expected` (name -> tensor) in names and shapes, else a
-    one-line account: missing, unexpected and wrong-shape keys, the first few of each."""
-    optional = set(optional)
-    missing = sorted(set(expected) - set(state) - optional)
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(f"{k}: file {list(state[k].shape)} vs expected {list(expected[k].shape)}"
-                   for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k].shape))
-
-    def first(items):
-        more = f", ... ({len(items)} in all)" if len(items) > limit else ""
-        return ", ".join(items[:limit]) + more
-
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing key(s): {first(missing)}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s): {first(unexpected)}")
-    if wrong:
-        parts.append(f"{len(wrong)} shape mismatch(es): {first(wrong)}")
-    return "; ".join(parts)

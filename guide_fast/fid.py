@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoints import sha256_file
-from .errors import CheckpointError, InputError, describe_state_mismatch
+from .errors import CheckpointError, InputError
 
 FEATURE_DIM = 2048
 #: torch.hub's file-naming convention puts the first hex digits of the file's sha256 in its
@@ -309,7 +309,9 @@ def load_inception(path, device=None) -> FIDInception:
     model = FIDInception()
     expected = model.state_dict()
     optional = {k for k in expected if k.endswith("num_batches_tracked") or k.startswith("fc.")}
-    problems = describe_state_mismatch(state, expected, optional)
+    from .checkpoints.keys import describe_mismatch
+
+    problems = describe_mismatch(state, expected, optional)
     if problems:
         raise CheckpointError(
             f"{path} is not the FID Inception weights ({STANDARD_WEIGHTS_NAME}, torchvision Inception3 "

@@ -36,6 +36,39 @@ def _cannot_write(flag, path, exc: OSError) -> InputError:
     return InputError(f"{where} ({_os_reason(exc)})")
 
 
+def write_error(path, exc: BaseException) -> InputError:
+    """One line for a failed write (disk full, quota, I/O error, or the safetensors writer's own
+    error type, which is no OSError); the file at `path`, if any, is left as it was."""
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = "no space left on device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
+    elif "os error 28" in text or "No space left" in text:
+        reason = "no space left on device"
+    elif isinstance(exc, OSError):
+        reason = _os_reason(exc)
+    else:
+        reason = (text.strip().splitlines() or [type(exc).__name__])[0][:200]
+    return InputError(f"cannot write {path} ({reason}); any earlier file there is unchanged")
+
+
+def _probe(folder: Path) -> OSError | None:
+    """Really create (and remove) a file in `folder`: os.access says yes to root on /proc and on
+    read-only mounts; only a write attempt tells."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".guide-fast-probe-", dir=folder)
+    except OSError as exc:
+        return exc
+    try:
+        os.write(fd, b"\0")
+    except OSError as exc:
+        return exc
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    return None
+
+
 def _writable_parent(path: Path, label: str) -> None:
     """The folder that will hold `path` exists (or can be created) and can be written."""
     parent = path.parent
@@ -49,9 +82,10 @@ def _writable_parent(path: Path, label: str) -> None:
     if os.path.lexists(probe) and not probe.is_dir():
         what = "the folder" if not missing else "a folder on its path"
         raise InputError(f"{label}: cannot write there: {what} {probe} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
+    err = _probe(probe) if os.path.isdir(probe) else None
+    if err is not None:
         action = "create folders in" if missing else "write in"
-        reason = "read-only file system" if _read_only(probe) else "permission denied"
+        reason = "read-only file system" if _read_only(probe) else _os_reason(err)
         raise InputError(f"{label}: cannot {action} {probe} ({reason})")
 
 
@@ -135,9 +169,10 @@ def check_output_path(path, kind: str = "file", flag: str | None = "--out", *, o
                              f"to replace its contents")
         if entries:
             _check_replaceable(p, label)
-        if not os.access(p, os.W_OK | os.X_OK):
+        err = _probe(p)
+        if err is not None:
             raise InputError(f"{label}: cannot write in {p} "
-                             f"({'read-only file system' if _read_only(p) else 'permission denied'})")
+                             f"({'read-only file system' if _read_only(p) else _os_reason(err)})")
         return p  # an existing folder is written from inside when its parent is not writable
     _writable_parent(p, label)
     return p
@@ -175,17 +210,25 @@ def staged_folder(out_dir, *, overwrite: bool = False, flag: str | None = None, 
     On any exception the stage is removed and out_dir keeps what it had.
     """
     out_dir = Path(out_dir)
+    clean_stale_stages(out_dir)
     if replace is None:
         check_output_path(out_dir, "folder", flag, overwrite=overwrite)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        inside = (replace is not None or _other_filesystem(out_dir)
-                  or not os.access(out_dir.parent, os.W_OK | os.X_OK))
-        stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir if inside else out_dir.parent))
+        inside = (replace is not None or _other_filesystem(out_dir) or _probe(out_dir.parent) is not None)
+        stage = Path(tempfile.mkdtemp(prefix=_stage_prefix(out_dir, "partial"), dir=out_dir if inside else out_dir.parent))
     except OSError as exc:
         raise _cannot_write(flag, out_dir, exc) from None
     try:
-        yield stage
+        try:
+            yield stage
+        except OSError as exc:
+            raise write_error(out_dir, exc) from None
+        except Exception as exc:
+            if type(exc).__name__ == "SafetensorError":  # the safetensors writer's own (disk full, ...)
+                raise write_error(out_dir, exc) from None
+            raise
+        _normalise_modes(stage)
         if inside:
             _commit_inside(stage, out_dir, flag, replace)
         else:
@@ -194,10 +237,75 @@ def staged_folder(out_dir, *, overwrite: bool = False, flag: str | None = None, 
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def _stage_prefix(out_dir: Path, kind: str) -> str:
+    # the pid tells a later run whether the folder's writer is still alive (clean_stale_stages)
+    return f".{out_dir.name}.{kind}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def clean_stale_stages(out_dir) -> list[str]:
+    """Remove `.NAME.partial-*` / `.NAME.old-*` folders that a killed run (kill -9, power loss)
+    left beside or inside `out_dir`. A folder is stale when the process named in it is gone
+    (or, for names without a pid, when it is over an hour old). A stale `.old-` folder beside a
+    missing `out_dir` is the only copy of the earlier result: it is put back instead. Returns
+    the names removed or restored."""
+    import time
+
+    out_dir = Path(out_dir)
+    done = []
+    for where in (out_dir.parent, out_dir):
+        try:
+            names = [p for p in where.iterdir() if p.is_dir() and not p.is_symlink()
+                     and p.name.startswith((f".{out_dir.name}.partial-", f".{out_dir.name}.old-"))]
+        except OSError:
+            continue
+        for p in names:
+            rest = p.name[len(out_dir.name) + 2:].split("-")
+            kind, pid = rest[0], rest[1] if len(rest) > 2 else ""
+            try:
+                stale = not _pid_alive(int(pid)) if pid.isdigit() else time.time() - p.stat().st_mtime > 3600
+            except OSError:
+                continue
+            if not stale:
+                continue
+            if kind == "old" and where == out_dir.parent and not folder_entries(out_dir):
+                with contextlib.suppress(OSError):
+                    if out_dir.is_dir():
+                        out_dir.rmdir()
+                    os.replace(p, out_dir)
+                    done.append(f"restored {p.name}")
+                    continue
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(p.name)
+    return done
+
+
+def _normalise_modes(stage: Path) -> None:
+    """One file mode for every output: what the user's umask gives a new file (folders likewise);
+    mkdtemp makes 0700 folders and the safetensors writer 0600 files."""
+    mask = _umask()
+    with contextlib.suppress(OSError):
+        os.chmod(stage, 0o777 & ~mask)
+        for root, dirs, files in os.walk(stage):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o777 & ~mask)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o666 & ~mask)
+
+
 def _commit_beside(stage: Path, out_dir: Path, flag) -> None:
     try:
         if folder_entries(out_dir):
-            aside = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            aside = Path(tempfile.mkdtemp(prefix=_stage_prefix(out_dir, "old"), dir=out_dir.parent))
             try:
                 os.replace(out_dir, aside)
             except BaseException:
@@ -218,7 +326,7 @@ def _commit_beside(stage: Path, out_dir: Path, flag) -> None:
         # out_dir is on another file system than its parent (or busy): copy the complete stage
         # into a stage inside out_dir, then move the files in there.
         try:
-            inner = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir))
+            inner = Path(tempfile.mkdtemp(prefix=_stage_prefix(out_dir, "partial"), dir=out_dir))
         except OSError as exc2:
             raise _cannot_write(flag, out_dir, exc2) from None
         try:
@@ -239,7 +347,7 @@ def _commit_inside(stage: Path, out_dir: Path, flag, replace) -> None:
     try:
         old = [p for p in out_dir.iterdir() if p.name != stage.name and (replace is None or p.name in replace)]
         if old:
-            aside = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir))
+            aside = Path(tempfile.mkdtemp(prefix=_stage_prefix(out_dir, "old"), dir=out_dir))
             for p in old:
                 os.replace(p, aside / p.name)
                 moved_out.append(p.name)
@@ -282,7 +390,11 @@ def atomic_path(path, suffix: str | None = None):
     except OSError as exc:  # read-only file system, a file where a folder should be, permissions
         raise _cannot_write(None, path, exc) from None
     try:
-        yield Path(tmp)
+        try:
+            yield Path(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())  # writers such as safetensors make 0600 files
+        except OSError as exc:  # disk full, quota, I/O error while writing
+            raise write_error(path, exc) from None
         try:
             os.replace(tmp, path)
         except OSError as exc:

@@ -222,7 +222,7 @@ def lpips_head_keys() -> "OrderedDict[str, tuple]":
 
 
 def _load(path, what: str) -> dict:
-    from .identity.backbones import read_state_dict
+    from .checkpoints.files import read_state_dict
 
     return read_state_dict(path, what)
 
@@ -234,7 +234,7 @@ def read_vgg16_features(path) -> "OrderedDict[str, torch.Tensor]":
 
 
 def vgg16_features_from_state(state: dict, path="state_dict") -> "OrderedDict[str, torch.Tensor]":
-    from .identity.backbones import compare_keys
+    from .checkpoints.keys import compare_keys
 
     expected = vgg16_feature_keys()
     feats = OrderedDict((k, v) for k, v in state.items() if k.startswith("features."))
@@ -252,7 +252,7 @@ def vgg16_features_from_state(state: dict, path="state_dict") -> "OrderedDict[st
 def read_lpips_heads(path) -> "OrderedDict[str, torch.Tensor]":
     """The 5 linear heads of lpips v0.1 vgg.pth, checked by name and shape."""
     state = _load(path, "LPIPS head file")
-    from .identity.backbones import compare_keys
+    from .checkpoints.keys import compare_keys
 
     expected = lpips_head_keys()
     # The package's own LPIPS.state_dict() also carries lins.* aliases and the trunk; accept a

@@ -160,13 +160,53 @@ def official_init_kwargs(gen: TriPlaneGenerator, easy) -> dict:
     )
 
 
-def official_pickle_bytes(gen: TriPlaneGenerator, extra_entries: dict | None = None) -> bytes:
+def official_pickle_bytes(gen: TriPlaneGenerator, extra_entries: dict | None = None, init_kwargs: dict | None = None,
+                          g_attrs: dict | None = None, rendering_kwargs: dict | None = None,
+                          protocol: int = 4) -> bytes:
+    """The official network pickle of `gen`. init_kwargs / g_attrs / rendering_kwargs update
+    G_ema's constructor kwargs, its attributes (e.g. neural_rendering_resolution) and its
+    rendering_kwargs as written, to make the checkpoints of other releases or defective ones."""
     with fake_modules() as mods:
         easy = mods["dnnlib.util"].EasyDict
-        g_ema = _convert(gen, mods, official_init_kwargs(gen, easy))
+        kwargs = official_init_kwargs(gen, easy)
+        kwargs.update(init_kwargs or {})
+        g_ema = _convert(gen, mods, kwargs)
+        g_ema.state.update(g_attrs or {})
+        if rendering_kwargs:
+            g_ema.state["rendering_kwargs"] = easy({**g_ema.state["rendering_kwargs"], **rendering_kwargs})
         d_stub = Persistent("training.networks_stylegan2", "DualDiscriminator",
                             {"_parameters": OrderedDict(w=nn.Parameter(torch.randn(4, 4), requires_grad=False)),
                              "_buffers": OrderedDict(), "_modules": OrderedDict(), "_init_kwargs": easy(c_dim=25)})
         data = {"training_set_kwargs": easy(resolution=512), "G": g_ema, "D": d_stub, "G_ema": g_ema, "augment_pipe": None}
         data.update(extra_entries or {})
-        return pickle.dumps(data, protocol=4)
+        return pickle.dumps(data, protocol=protocol)
+
+
+# The released EG3D generators (docs/eg3d.md §1): neural rendering resolution and the
+# rendering_kwargs that differ from FFHQ's. All but shapenetcars use SuperresolutionHybrid8XDC.
+OFFICIAL_RELEASES = {
+    "ffhq512-64": (64, {}),
+    "ffhq512-128": (128, {}),
+    "ffhqrebalanced512-64": (64, {}),
+    "ffhqrebalanced512-128": (128, {}),
+    "afhqcats512-128": (128, {"avg_camera_pivot": [0, 0, -0.06]}),
+}
+SHAPENET_KWARGS = {"superresolution_module": "training.superresolution.SuperresolutionHybrid2X",
+                   "image_resolution": 128, "ray_start": 0.1, "ray_end": 2.6, "box_warp": 1.6, "white_back": True,
+                   "avg_camera_radius": 1.7, "avg_camera_pivot": [0, 0, 0]}
+
+
+def official_config(name: str):
+    """The GeneratorConfig of a released checkpoint (its architecture at full size)."""
+    from guide_fast.eg3d.generator import FFHQ_RENDERING_KWARGS, GeneratorConfig
+
+    nrr, rk = OFFICIAL_RELEASES[name]
+    return GeneratorConfig(neural_rendering_resolution=nrr, rendering_kwargs={**FFHQ_RENDERING_KWARGS, **rk})
+
+
+def official_release_pickle(name: str, seed: int = 0) -> tuple:
+    """(generator with small random weights, its pickle) of a released configuration: the
+    architecture, shapes and kwargs of the real file, weights drawn at init scale."""
+    torch.manual_seed(seed)
+    gen = TriPlaneGenerator(official_config(name)).eval().requires_grad_(False)
+    return gen, official_pickle_bytes(gen)

@@ -1,4 +1,4 @@
-"""`guide-fast convert` and `guide-fast render`: generator checkpoints and quick renders."""
+"""`guide-fast convert`, `render` and `history`: generator checkpoints, quick renders, provenance."""
 from __future__ import annotations
 
 import math
@@ -21,6 +21,26 @@ def add_commands(sub) -> None:
                    help="tri-plane renderer (triton needs a CUDA device)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.set_defaults(func=_render)
+
+    p = sub.add_parser("history", help="print a checkpoint's chain of weight fingerprints (source checkpoint, "
+                       "each unlearning run: parent -> result)")
+    p.add_argument("checkpoint", help="a guide-fast generator .safetensors (or an EG3D pickle: its origin only)")
+    p.set_defaults(func=_history)
+
+
+def _history(args) -> int:
+    from ..checkpoints import checkpoint_history
+
+    info = checkpoint_history(args.checkpoint)
+    print(f"{args.checkpoint}: weights fingerprint {info['fingerprint']}")
+    if info.get("source_sha256"):
+        print(f"  original checkpoint sha256 {info['source_sha256']}")
+    for i, step in enumerate(info["history"]):
+        extra = ", ".join(f"{k}={v}" for k, v in step.items() if k not in ("action", "parent", "result", "source_sha256"))
+        parent = step.get("parent")
+        arrow = f"{parent[:16]} -> {step['result'][:16]}" if parent else f"{step['result'][:16]}"
+        print(f"  {i}. {step.get('action', '?')}: {arrow}" + (f" ({extra})" if extra else ""))
+    return 0
 
 
 def _convert(args) -> int:

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoints.files import read_state_dict  # noqa: F401 - re-exported for callers
+from ..checkpoints.keys import compare_keys  # noqa: F401 - the one key comparison
 from ..errors import CheckpointError, InputError
 
 KINDS = ("ir_se50", "ir101")
@@ -195,46 +197,6 @@ _EXPECTED_CACHE: dict = {}
 # ---------------------------------------------------------------------------------------------
 # Loading official files
 # ---------------------------------------------------------------------------------------------
-
-def read_state_dict(path, what: str = "weight file") -> "OrderedDict[str, torch.Tensor]":
-    """torch.load(weights_only=True) on CPU, unwrapping {'state_dict': ...} and stripping a
-    `module.` (DataParallel) prefix. Raises CheckpointError naming the file on any failure."""
-    from ..checkpoints import read_torch_file
-
-    path = Path(path)
-    obj = read_torch_file(path, what)
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{what} {path}: holds a {type(obj).__name__}, expected a state_dict (dict of tensors)")
-    bad = [k for k, v in obj.items() if not isinstance(k, str) or not torch.is_tensor(v)]
-    if bad:
-        raise CheckpointError(f"{what} {path}: entries that are not tensors: {bad[:5]}")
-    if obj and all(k.startswith("module.") for k in obj):
-        obj = OrderedDict((k[len("module."):], v) for k, v in obj.items())
-    return OrderedDict(obj)
-
-
-def compare_keys(state: dict, expected: dict, optional_suffixes=("num_batches_tracked",)) -> list[str]:
-    """Differences between a state_dict and an expected key -> shape table, in expected order:
-    'missing KEY (expected SHAPE)', 'unexpected KEY SHAPE', 'shape mismatch KEY: file S, expected E'.
-    Keys ending with an optional suffix may be absent (face_models.md §0)."""
-    diffs = []
-    for key, shape in expected.items():
-        if key not in state:
-            if not key.endswith(optional_suffixes):
-                diffs.append(f"missing {key} (expected {_fmt_shape(shape)})")
-        elif tuple(state[key].shape) != tuple(shape):
-            diffs.append(f"shape mismatch {key}: file {_fmt_shape(state[key].shape)}, expected {_fmt_shape(shape)}")
-    for key, value in state.items():
-        if key not in expected:
-            diffs.append(f"unexpected {key} {_fmt_shape(value.shape)}")
-    return diffs
-
-
-def _fmt_shape(shape) -> str:
-    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
-
 
 def detect_kind(state: dict) -> tuple[str | None, dict]:
     """Which backbone a state_dict holds: (kind or None, {kind: differences})."""

@@ -14,6 +14,7 @@ LOOP_PATHS = ("fast", "reference")
 @dataclass
 class UnlearnConfig:
     # §3.1: Adam on backbone.synthesis, lr 1e-4, default betas/eps, 1000 iterations
+MAX_ITERATIONS = 1_000_000  # GUIDE runs 1000 steps (docs/guide.md §3.6)
     iterations: int = 1000
     lr: float = 1e-4
     betas: tuple = (0.9, 0.999)
@@ -97,8 +98,11 @@ class UnlearnConfig:
             raise InputError(f"unknown cache_target_planes {self.cache_target_planes!r}; expected 'auto', 'on' or 'off'")
         if self.noise_mode not in ("random", "const", "none"):
             raise InputError(f"noise_mode must be 'random', 'const' or 'none', got {self.noise_mode!r}")
-        if self.iterations < 0:
-            raise InputError(f"iterations must be >= 0, got {self.iterations}")
+        if isinstance(self.iterations, bool) or not hasattr(type(self.iterations), "__index__"):
+            raise InputError(f"iterations must be an integer, got {self.iterations!r}")
+        if not 0 <= self.iterations <= MAX_ITERATIONS:
+            # the loss log is preallocated per step: a bound keeps --iters 1e12 from allocating terabytes
+            raise InputError(f"iterations must be in 0..{MAX_ITERATIONS:,} (GUIDE uses 1000), got {self.iterations:,}")
         if self.lr <= 0:
             raise InputError(f"lr must be > 0, got {self.lr}")
         if self.adjacency_samples < 0 or self.global_samples < 0:

@@ -1,0 +1,56 @@
+"""The one comparison of a file's tensors with what a network expects (names and shapes).
+
+Used by every loader: the EG3D generator (before the module is built), the face-recognition
+backbones, LPIPS/VGG, the FID Inception and `guide-fast weights`.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+def _shape(v) -> tuple:
+    return tuple(int(s) for s in (v.shape if hasattr(v, "shape") else v))
+
+
+def fmt_shape(shape) -> str:
+    return "[" + ", ".join(str(s) for s in _shape(shape)) + "]"
+
+
+def compare_keys(state: Mapping, expected: Mapping, optional_suffixes=("num_batches_tracked",),
+                 optional=()) -> list[str]:
+    """Differences between `state` (name -> tensor) and `expected` (name -> tensor or shape), in
+    expected order: 'missing KEY (expected SHAPE)', 'shape mismatch KEY: file S, expected E',
+    then 'unexpected KEY SHAPE'. Keys ending in an optional suffix, or named in `optional`, may
+    be absent (docs/face_models.md §0)."""
+    optional = set(optional)
+    diffs = []
+    for key, shape in expected.items():
+        if key not in state:
+            if not (optional_suffixes and key.endswith(tuple(optional_suffixes))) and key not in optional:
+                diffs.append(f"missing {key} (expected {fmt_shape(shape)})")
+        elif not hasattr(state[key], "shape"):
+            diffs.append(f"shape mismatch {key}: file holds a {type(state[key]).__name__}, expected {fmt_shape(shape)}")
+        elif _shape(state[key]) != _shape(shape):
+            diffs.append(f"shape mismatch {key}: file {fmt_shape(state[key])}, expected {fmt_shape(shape)}")
+    for key, value in state.items():
+        if key not in expected:
+            diffs.append(f"unexpected {key} {fmt_shape(value) if hasattr(value, 'shape') else type(value).__name__}")
+    return diffs
+
+
+def describe_mismatch(state: Mapping, expected: Mapping, optional=(), limit: int = 4,
+                      optional_suffixes=()) -> str:
+    """'' when `state` matches `expected`, else one line: the counts of missing, unexpected and
+    wrong-shape keys with the first `limit` of each."""
+    diffs = compare_keys(state, expected, optional_suffixes=optional_suffixes, optional=optional)
+    groups = {"missing key(s)": [], "unexpected key(s)": [], "shape mismatch(es)": []}
+    for d in diffs:
+        kind = ("missing key(s)" if d.startswith("missing") else
+                "unexpected key(s)" if d.startswith("unexpected") else "shape mismatch(es)")
+        groups[kind].append(d.split(" ", 2)[-1] if kind == "shape mismatch(es)" else d.split(" ", 1)[1])
+    parts = []
+    for kind, items in groups.items():
+        if items:
+            more = f", ... ({len(items)} in all)" if len(items) > limit else ""
+            parts.append(f"{len(items)} {kind}: " + ", ".join(items[:limit]) + more)
+    return "; ".join(parts)
