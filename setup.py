@@ -26,8 +26,9 @@ setup(
         "onnx",
         "onnxruntime",
         "nvtx",
-        # GUIDE's ID-metric alignment warps with cv2.warpAffine (fixed-point bilinear); the version GUIDE used
-        "opencv-python-headless>=4.5",
+        # GUIDE's ID-metric alignment warps with cv2.warpAffine (OpenCV's fixed-point bilinear);
+        # the 4.x series of GUIDE's environment (opencv-python 4.10; tested with 4.10.0.84)
+        "opencv-python-headless>=4.5,<5",
     ],
     extras_require={
         # torchvision: VGG16 / Inception architectures, and facenet-pytorch imports it.

@@ -253,14 +253,14 @@ def test_cli_evaluates_a_run_directory_with_random_ir101_and_inception(run_dir, 
     """The demo's case: no real weights, so random IR-101 (crop alignment: random renders hold
     no detectable face) and a random Inception; eval.json and the plots land in the run dir."""
     rc = cli_main(["evaluate", "--run", str(run_dir), "--random-nets", "--id-backend", "torch", "--align", "crop",
-                   "--samples", "3", "--preserve", "2", "--batch-size", "11", "--quiet"])
+                   "--samples", "3", "--preserve", "2", "--batch-size", "11", "--noise", "paired", "--quiet"])
     out = capsys.readouterr().out
     assert rc == 0, out
     result = json.loads((run_dir / "eval.json").read_text())
     m = result["metrics"]
     assert -1 <= m["id"] <= 1 and m["preservation"] is not None and np.isfinite(m["fid_pre"])
     assert result["id"]["pairs_scored"] == NUM_ID_VIEWS  # the crop path always yields a face
-    assert result["settings"]["identity_backend"] == "torch"
+    assert result["settings"]["identity_backend"] == "torch" and result["settings"]["noise"] == "paired"
     assert any("RANDOM-WEIGHT" in n for n in result["notes"])
     for name in ("id_per_view.png", "loss_curves.png", "views.png"):
         assert (run_dir / name).is_file()
@@ -276,6 +276,8 @@ def test_cli_loads_inception_weights_from_a_file(run_dir, tmp_path, inception, c
     assert rc == 0, capsys.readouterr()
     result = json.loads((out / "eval.json").read_text())
     assert result["fid"]["inception_weights"]["path"] == str(weights)
+    # the defaults: GUIDE's detector for the (here skipped) ID metric, GUIDE's independent noise draws
+    assert result["settings"]["detector"] == "guide" and result["settings"]["noise"] == "official"
     assert result["metrics"]["fid_pre"] > 0 and result["metrics"]["id"] is None
     assert any("identity metrics skipped" in n for n in result["notes"])
 
