@@ -445,3 +445,20 @@ def test_guide_detector_path_embeds_the_aligned_crop():
     assert emb.shape == (2, 64) and torch.isfinite(emb[0]).all() and torch.isnan(emb[1]).all()
     crop = guide_mtcnn.align([face])[0].image
     torch.testing.assert_close(emb[0], scorer.embed(normalize_uint8(crop))[0])
+
+
+def test_unlearning_report_scores_views_with_evaluations_scoring():
+    """unlearn/report.py's before/after similarity is evaluation's ID-over-views scoring."""
+    from types import SimpleNamespace
+
+    from guide_fast.unlearn.report import identity_similarity
+
+    g = torch.Generator().manual_seed(0)
+    renders = {k: torch.rand(2, 3, 3, 16, 16, generator=g) * 2 - 1 for k in ("before", "after", "target")}
+    scorer = ProjectionScorer()
+    out = identity_similarity(SimpleNamespace(renders=renders), scorer)
+    flat = lambda x: x.reshape(6, 3, 16, 16)  # noqa: E731
+    expected = (scorer.embed(flat(renders["before"])) * scorer.embed(flat(renders["after"]))).sum(1).reshape(2, 3)
+    np.testing.assert_allclose(out["before_vs_after_per_view"], expected.numpy(), rtol=1e-12)
+    assert out["before_vs_after_mean"] == pytest.approx(float(expected.mean()))
+    assert out["views_without_face"] == 0

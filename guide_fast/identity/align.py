@@ -15,7 +15,9 @@ the same without OpenCV:
 
 Detector differences from GUIDE's own MTCNN port (docs/face_models.md §5.1 table): facenet-pytorch's
 P-Net softmax, pyramid resize and landmark offset differ; on a clean frontal face the 5 points
-agree with GUIDE's to about 1 px (§5.3). We keep facenet-pytorch's landmarks unchanged.
+agree with GUIDE's to about 1 px (§5.3). We keep facenet-pytorch's landmarks unchanged. The ID
+metric of `evaluate` uses GUIDE's own detector by default (identity/guide_mtcnn.py, exact); this
+one serves photo inversion and `evaluate --detector facenet`.
 """
 from __future__ import annotations
 

@@ -2,9 +2,11 @@
 backend for the network (torch, onnxruntime, tensorrt) and of preprocessing.
 
 Preprocessing (`align`):
-* "mtcnn": GUIDE's evaluation path (docs/guide.md §4.2, docs/face_models.md §2.3): MTCNN 5 landmarks
-  (facenet-pytorch, its bundled weights; GUIDE's thresholds 0.15/0.25/0.35 and its choice of the
+* "mtcnn": GUIDE's evaluation path (docs/guide.md §4.2, docs/face_models.md §2.3) with facenet-pytorch's
+  MTCNN: 5 landmarks (its bundled weights; GUIDE's thresholds 0.15/0.25/0.35 and its choice of the
   most probable face), similarity warp onto the 112x112 reference points, x / 127.5 - 1.
+  (`evaluate` aligns with GUIDE's own MTCNN port by default, identity/guide_mtcnn.py, and hands
+  the scorer the aligned crops with align="none".)
   Float renders in [-1, 1] are first turned into uint8 as GUIDE saves its PNGs.
 * "none": inputs are already aligned 112x112 faces.
 * "idloss": the ID-loss crop (resize 256, crop [35:223, 32:220], pool to 112; §1.4).
