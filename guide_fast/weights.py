@@ -1,7 +1,7 @@
 """The manifest of every external weight file guide-fast can use, and their checks.
 
 None of these files can be downloaded by the package (GUIDE's own files come from the authors'
-Google Drive folder; the others from their upstream projects, guide.md §2): the user puts them
+Google Drive folder; the others from their upstream projects, docs/guide.md §2): the user puts them
 in one folder and `guide-fast weights --dir D` reports, for each, whether it is found, valid
 (loads with the expected keys / shapes) or missing, and where it comes from.
 
@@ -103,7 +103,7 @@ def validate_eg3d(path) -> str:
     if img is not None and nrr is not None:
         detail += f", output {img}, neural rendering {nrr}"
         if (img, nrr) != (512, 128):
-            detail += "; note: ffhqrebalanced512-128 is 512 / 128 (guide.md §2), this is another configuration"
+            detail += "; note: ffhqrebalanced512-128 is 512 / 128 (docs/guide.md §2), this is another configuration"
     return detail + ")"
 
 
@@ -153,7 +153,7 @@ def validate_lpips_heads(path) -> str:
 
 def inception_file_keys() -> "OrderedDict[str, tuple]":
     """Key -> shape of pt_inception-2015-12-05-6726825d.pth: torchvision's Inception3 with 1008
-    classes and no aux logits (face_models.md §4.1, §4.3; the FID patches add no parameters)."""
+    classes and no aux logits (docs/face_models.md §4.1, §4.3; the FID patches add no parameters)."""
     try:
         import torch
         from torchvision.models.inception import Inception3
@@ -174,7 +174,7 @@ def validate_fid_inception(path) -> str:
     if load_inception is not None:
         net = load_inception(path)  # raises CheckpointError naming the problem
         return f"loaded by guide_fast.fid ({sum(p.numel() for p in net.parameters()):,} parameters)"
-    from .identity.backbones import compare_keys
+    from .checkpoints.keys import compare_keys
 
     expected = inception_file_keys()
     state = _state_dict(path, "FID Inception weight file")
@@ -186,22 +186,11 @@ def validate_fid_inception(path) -> str:
 
 
 def validate_goae(path) -> str:
-    import torch
+    """Every key and shape of GUIDE's GOAEncoder (545 entries, 111.2M parameters), the position
+    index buffers and finiteness: a file valid here is one `load_encoder` loads."""
+    from .inversion.goae import describe_file
 
-    from .checkpoints import read_torch_file
-
-    obj = read_torch_file(path, "GOAE encoder weights")
-    for key in ("state_dict", "encoder", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not obj:
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a state_dict of the GOAE encoder")
-    tensors = {k: v for k, v in obj.items() if torch.is_tensor(v)}
-    if len(tensors) < len(obj) / 2 or not tensors:
-        raise CheckpointError(f"{path}: only {len(tensors)} of {len(obj)} entries are tensors; not a state_dict")
-    # Loose check only: the GOAE encoder (Swin-V2 + mapping) is not implemented in this package yet.
-    return f"state_dict-like: {len(tensors)} tensors, {sum(v.numel() for v in tensors.values()):,} values (keys not checked)"
+    return describe_file(path)
 
 
 def validate_w_avg(path) -> str:
@@ -213,7 +202,7 @@ def validate_w_avg(path) -> str:
     if not torch.is_tensor(obj):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a tensor [14, 512]")
     if tuple(obj.shape) not in ((14, 512), (1, 14, 512), (512,)):
-        raise CheckpointError(f"{path}: tensor of shape {list(obj.shape)}, expected [14, 512] (guide.md §2)")
+        raise CheckpointError(f"{path}: tensor of shape {list(obj.shape)}, expected [14, 512] (docs/guide.md §2)")
     if not bool(torch.isfinite(obj).all()):
         raise CheckpointError(f"{path}: non-finite values")
     return f"tensor {list(obj.shape)}"
@@ -266,7 +255,7 @@ MANIFEST: "OrderedDict[str, WeightFile]" = OrderedDict((w.name, w) for w in [
         name="ir_se50",
         filenames=("model_ir_se50.pth",),
         description="ArcFace IR-SE50 (GUIDE's identity loss)",
-        format="torch state_dict, 397 entries (343 without num_batches_tracked), face_models.md §1.3",
+        format="torch state_dict, 397 entries (343 without num_batches_tracked), docs/face_models.md §1.3",
         source="pSp release (eladrich/pixel2style2pixel), from TreB1eN/InsightFace_Pytorch; GUIDE's Google Drive folder",
         used_by="IdentityLoss (unlearning)",
         validator=validate_ir_se50,
@@ -275,7 +264,7 @@ MANIFEST: "OrderedDict[str, WeightFile]" = OrderedDict((w.name, w) for w in [
         name="ir101",
         filenames=("CurricularFace_Backbone.pth",),
         description="CurricularFace IR-101 (GUIDE's ID metric)",
-        format="torch state_dict, 672 entries (568 without num_batches_tracked), face_models.md §2.2",
+        format="torch state_dict, 672 entries (568 without num_batches_tracked), docs/face_models.md §2.2",
         source="HuangYG123/CurricularFace (README model link); GUIDE's Google Drive folder",
         used_by="IdentityScorer (evaluation)",
         validator=validate_ir101,
@@ -304,7 +293,7 @@ MANIFEST: "OrderedDict[str, WeightFile]" = OrderedDict((w.name, w) for w in [
         name="fid_inception",
         filenames=("pt_inception-2015-12-05-6726825d.pth",),
         description="pytorch-fid InceptionV3 (FID features)",
-        format="torch state_dict in torchvision Inception3 naming, 566 entries incl. fc (face_models.md §4.3)",
+        format="torch state_dict in torchvision Inception3 naming, 566 entries incl. fc (docs/face_models.md §4.3)",
         source="https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
         used_by="FID_pre / ΔFID_real (evaluation)",
         validator=validate_fid_inception,
@@ -313,10 +302,12 @@ MANIFEST: "OrderedDict[str, WeightFile]" = OrderedDict((w.name, w) for w in [
     WeightFile(
         name="goae",
         filenames=("encoder_FFHQ.pt",),
-        description="GOAE encoder (photo -> W+ inversion); optional: seeds and optimisation-based inversion work without it",
-        format="torch state_dict (checked loosely: loads with weights_only and is a dict of tensors)",
+        description="GOAE encoder (Swin-V2 + W+ heads): one forward pass from an aligned 256² photo to W+ offsets "
+                    "from w_avg, GUIDE's inversion; optional: seeds and optimisation inversion work without it",
+        format="torch state_dict of GOAEncoder(swin_config, mlp_layer=2): 545 entries (50 buffers), 111.2M parameters, "
+               "keys and shapes checked (docs/formats.md §5)",
         source="jiangyzy/GOAE; GUIDE's Google Drive folder",
-        used_by="photo inversion (optional)",
+        used_by="photo inversion: guide_fast.inversion.goae.load_encoder (unlearn --encoder)",
         validator=validate_goae,
         optional=True,
     ),

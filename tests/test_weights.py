@@ -14,6 +14,7 @@ from guide_fast.identity import IdentityScorer, build_backbone
 from guide_fast.perceptual import LPIPS, lpips_head_keys, vgg16_feature_keys
 
 sys.path.insert(0, os.path.dirname(__file__))
+from goae_files import MICRO, random_state, use_micro_in_manifest  # noqa: E402
 
 
 def _inception_state():
@@ -54,8 +55,7 @@ def weights_dir(tmp_path_factory):
     torch.save(vgg, d / "vgg16-397923af.pth")
     torch.save({k: torch.rand(s) for k, s in lpips_head_keys().items()}, d / "vgg.pth")
     torch.save(_inception_state(), d / "pt_inception-2015-12-05-6726825d.pth")
-    torch.save({"encoder.patch_embed.proj.weight": torch.randn(128, 3, 4, 4), "w_head.bias": torch.zeros(512)},
-               d / "encoder_FFHQ.pt")
+    torch.save(random_state(MICRO, seed=5), d / "encoder_FFHQ.pt")  # checked against MICRO in test_all_valid
     torch.save(torch.randn(14, 512), d / "w_avg_ffhqrebalanced512-128.pt")
     np.save(d / "ffhq_real_feat.npy", np.random.default_rng(0).standard_normal((4, 2048)).astype(np.float32))
     eg3d = _eg3d_pickle_bytes()
@@ -76,7 +76,8 @@ def test_manifest_lists_every_external_file():
     assert W.MANIFEST["goae"].optional and not W.MANIFEST["ir101"].optional
 
 
-def test_all_valid(weights_dir):
+def test_all_valid(weights_dir, monkeypatch):
+    use_micro_in_manifest(monkeypatch)  # the official GOAE layout is a 445 MiB file
     st = _by_name(W.check_dir(weights_dir, use_fallbacks=False))
     for name in ["ir_se50", "ir101", "vgg16", "lpips_heads", "fid_inception", "goae", "w_avg", "ffhq_real_features"]:
         assert st[name].status == "valid", (name, st[name].detail)
