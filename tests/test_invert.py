@@ -1,4 +1,4 @@
-"""From a photo to an identity (issue 6): EG3D framing, camera, W+ inversion (guide_fast/invert.py).
+"""From a photo to an identity (issue 6): EG3D framing, camera, W+ inversion (guide_fast/inversion/).
 
 CPU only. The framing maths needs nothing but numpy; the detection tests need facenet-pytorch
 (bundled MTCNN weights) and scikit-image (the astronaut photo) and are skipped without them. The
@@ -18,7 +18,7 @@ from small_nets import SmallFaceNet  # noqa: E402
 from guide_fast import cameras
 from guide_fast.errors import InputError
 from guide_fast.identity import IdentityLoss, MultipleFacesError, NoFaceError
-from guide_fast.invert import (
+from guide_fast.inversion import (
     FFHQ_POINTS_512,
     LM3D_STD,
     PIXELS_PER_UNIT,
@@ -36,7 +36,7 @@ from guide_fast.io import save_image, to_uint8
 from guide_fast.perceptual import LPIPS
 from guide_fast.render import make_render_draws
 
-# facenet-pytorch's MTCNN landmarks on skimage's astronaut (face_models.md §5.3)
+# facenet-pytorch's MTCNN landmarks on skimage's astronaut (docs/face_models.md §5.3)
 ASTRONAUT_POINTS = np.array([
     [205.0109100341797, 101.72744750976562], [246.7625732421875, 103.71408081054688],
     [224.67135620117188, 128.96499633789062], [201.7161102294922, 139.2461700439453],
@@ -63,7 +63,7 @@ def astronaut_aligned(astronaut):
 # ----------------------------------------------------------------- framing constants (no MTCNN)
 
 def test_ffhq_points_are_the_frontal_projection_of_the_template():
-    # eg3d.md §6 / module docstring: 300 px per template unit at 1024, centre crop 700 -> 512.
+    # docs/eg3d.md §6 / module docstring: 300 px per template unit at 1024, centre crop 700 -> 512.
     assert PIXELS_PER_UNIT == pytest.approx(219.428571, abs=1e-5)
     np.testing.assert_allclose(FFHQ_POINTS_512[:, 0], 255.5 + PIXELS_PER_UNIT * LM3D_STD[:, 0])
     np.testing.assert_allclose(FFHQ_POINTS_512[:, 1], 255.5 - PIXELS_PER_UNIT * LM3D_STD[:, 1])
@@ -124,7 +124,7 @@ def test_eg3d_method_reproduces_the_eg3d_crop_recipe():
     err = np.abs(ours.T - recipe_points)
     print("eg3d method vs recipe, 4x astronaut: max |d| =", err.max().round(3), "px")
     assert err.max() < 1.5
-    from guide_fast.invert import _warp_window
+    from guide_fast.inversion.framing import _warp_window
 
     mine = _warp_window(big, m, 512).astype(np.float64)
     diff = np.abs(mine - crop).mean()
@@ -454,7 +454,7 @@ def test_fast_path_inverts_as_well_as_the_reference_on_cuda(nets, known):
 
 def test_other_photos_are_inverted_and_feed_id_others(known, tmp_path):
     """unlearn --others DIR inverts the other photos (saved as w_others); evaluate --run then
-    reports ID_others from them (guide.md §4.3)."""
+    reports ID_others from them (docs/guide.md §4.3)."""
     import json
     import shutil
 

@@ -89,6 +89,7 @@ def _render(args) -> int:
 
     from .. import cameras
     from ..errors import InputError
+    from ..seeds import identity_z
     from ..io import check_output_path, save_image
     from ._common import check_renderer, parse_seed_list, resolve_device
 
@@ -101,7 +102,8 @@ def _render(args) -> int:
     device = resolve_device(args.device)
     check_renderer(args.renderer, device)
     gen, random_weights = resolve_generator(args.generator, args.renderer, device)
-    z = torch.stack([torch.randn(gen.config.z_dim, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
+    # the identity of `unlearn --seed N` (GUIDE's draw sequence on the device, guide_fast/seeds.py)
+    z = torch.stack([identity_z(s, gen.config.z_dim, device) for s in seeds])
     ws = gen.mapping(z, cameras.frontal_label(len(seeds), device=device))
     yaws = torch.linspace(-math.pi / 12, math.pi / 12, args.views).tolist()
     grid = render_grid(gen, ws, yaws, generator=torch.Generator(device=device).manual_seed(0))

@@ -20,7 +20,9 @@ def add_commands(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--seed", type=seed_type(), nargs="+", help="identity seed(s): z ~ N(0, I) mapped with a frontal camera")
     src.add_argument("--latent", help="W+ latents file (.pt, .safetensors or .npy): [N, num_ws, w_dim], [num_ws, w_dim] or [w_dim]")
-    src.add_argument("--image", nargs="+", help="photo(s) of the person(s) to forget (aligned and inverted first)")
+    src.add_argument("--image", nargs="+",
+                     help="photo(s) of the person(s) to forget (aligned and inverted first), or a folder of photos "
+                          "of one person (see --target-index)")
     p.add_argument("--others", help="folder of other photos of the same person: aligned and inverted too, and "
                                     "saved as w_others for `guide-fast evaluate --run` (ID_others, guide.md §4.3)")
     p.add_argument("--id-weights", help="ArcFace IR-SE50 weights (model_ir_se50.pth) for the identity loss")
@@ -56,7 +58,24 @@ def add_commands(sub) -> None:
                    help="2x up-convolutions: FIR folded into the kernel (auto: on the fast path) or the official two passes")
     p.add_argument("--channels-last", action="store_true", help="fast path: NHWC generator activations")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    p.add_argument("--invert-steps", type=int, default=300, help="optimisation steps of the photo inversion")
+    p.add_argument("--invert-steps", type=int, default=None,
+                   help="optimisation steps of the photo inversion without --encoder (default 300)")
+    p.add_argument("--encoder", metavar="FILE",
+                   help="GOAE encoder weights (encoder_FFHQ.pt): each --image photo is encoded in one batch and "
+                        "w_u = GOAE(photo) + w_avg, GUIDE's inversion (no optimisation unless --refine-steps)")
+    p.add_argument("--encoder-mode", choices=["eval", "official"], default=None,
+                   help="with --encoder: eval (default: deterministic, as GOAE's own inference) or official "
+                        "(train mode, as GUIDE's unlearn.py leaves it; its dropout draws follow --run-seed)")
+    p.add_argument("--refine-steps", type=int, default=None,
+                   help="with --encoder: Adam steps refining the GOAE latent against the photo (default 0)")
+    p.add_argument("--target-index", type=int, default=None,
+                   help="GUIDE's out-of-domain protocol: of the --image photos (a folder, sorted by name, or several "
+                        "files) the K-th is the person to forget and the others are kept as w_others for ID_others "
+                        "(default 0 when --image is a folder)")
+    p.add_argument("--w-avg", metavar="FILE",
+                   help="average latent file (GUIDE's w_avg_ffhqrebalanced512-128.pt, [14, 512]): the centre of the "
+                        "UFO target, the GOAE offset and the optimisation start (default: the generator's mapping "
+                        "buffer); report.json says which was used")
     p.add_argument("--face-index", type=int, default=None,
                    help="which face of each --image to use (0 = largest, the default)")
     p.add_argument("--strict", action="store_true", help="refuse a photo with several faces (and list them)")
@@ -101,6 +120,101 @@ def check_unlearn_flags(args, device) -> None:
                              f"(drop {'it' if len(fast_only) == 1 else 'them'}, or leave --reference out)")
 
 
+def check_inversion_flags(args) -> None:
+    """The photo-inversion flags against each other (before anything is read or built)."""
+    from ..errors import InputError
+
+    photos_given = args.image is not None or bool(args.others)
+    if args.encoder is None:
+        for flag, value in (("--refine-steps", args.refine_steps), ("--encoder-mode", args.encoder_mode)):
+            if value is not None:
+                raise InputError(f"{flag} belongs to the GOAE inversion and needs --encoder FILE "
+                                 f"(without an encoder, --invert-steps sets the optimisation)")
+    else:
+        if not photos_given:
+            raise InputError("--encoder inverts photos: give --image (and/or --others), not --seed / --latent")
+        if args.invert_steps is not None:
+            raise InputError("with --encoder the optimisation only refines the GOAE latent: use --refine-steps N "
+                             "instead of --invert-steps")
+        if args.refine_steps is not None and args.refine_steps < 0:
+            raise InputError(f"--refine-steps must be >= 0, got {args.refine_steps}")
+        if args.refine_camera and not args.refine_steps:
+            raise InputError("--refine-camera learns the camera during the optimisation: with --encoder give "
+                             "--refine-steps N (N > 0) as well")
+        _check_file_flag(args.encoder, "--encoder")
+    if args.invert_steps is not None:
+        check_positive(args.invert_steps, "--invert-steps")
+    if args.target_index is not None:
+        if args.image is None:
+            raise InputError("--target-index picks one of the --image photos; give --image (a folder or several files)")
+        if args.target_index < 0:
+            raise InputError(f"--target-index must be >= 0, got {args.target_index}")
+    if args.w_avg is not None:
+        _check_file_flag(args.w_avg, "--w-avg")
+
+
+def _check_file_flag(path, flag: str) -> None:
+    from ..errors import InputError
+
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{flag} {path} is a folder; expected a file")
+    if not p.is_file():
+        raise InputError(f"{flag} {path}: no such file")
+
+
+def _target_index(args, count: int):
+    """GUIDE's OOD protocol: the person to forget among the --image photos (None: each photo is
+    its own identity). A folder without --target-index means index 0, as GUIDE's --target_idx."""
+    from ..errors import InputError
+
+    k = args.target_index
+    if k is None and any(Path(x).is_dir() for x in args.image):
+        k = 0
+    if k is not None and k >= count:
+        raise InputError(f"--target-index {k} is out of range: --image gives {count} photo"
+                         f"{'' if count == 1 else 's'} (indices 0 to {count - 1}, sorted by file name)")
+    return k
+
+
+def _w_avg(args, gen):
+    from ..inversion import load_w_avg, resolve_w_avg
+
+    return load_w_avg(args.w_avg, gen, "--w-avg file") if args.w_avg else resolve_w_avg(None, gen)
+
+
+def _encoder(args, device):
+    if args.encoder is None:
+        return None
+    from ..inversion.encode import resolve_encoder
+
+    return resolve_encoder(args.encoder, device, args.encoder_mode or "eval")
+
+
+def _invert_photos(args, gen, id_loss, lpips, photos, other_photos, target_index, encoder, average):
+    """(the identities to forget, the other photos of the person), both lists of InversionResult.
+
+    With --encoder every photo (--image and --others) goes through GOAE in one batch, as GUIDE
+    encodes its folder; --refine-steps then optimises from there. Without it the --image photos
+    and the --others photos are optimised in two calls (--invert-steps each)."""
+    from ..inversion import DEFAULT_STEPS, invert_images
+
+    photos, other_photos = list(photos or []), list(other_photos or [])
+    common = dict(id_loss=id_loss, lpips=lpips, refine_camera=args.refine_camera, progress=not args.no_progress,
+                  w_avg=average, path=args.path, renderer=args.renderer, precision=args.precision,
+                  seed=args.run_seed)
+    if encoder is not None:
+        results = invert_images(gen, photos + other_photos, encoder=encoder, steps=args.refine_steps or 0, **common)
+        mine, extra = results[:len(photos)], results[len(photos):]
+    else:
+        steps = args.invert_steps or DEFAULT_STEPS
+        mine = invert_images(gen, photos, steps=steps, **common) if photos else []
+        extra = invert_images(gen, other_photos, steps=steps, **common) if other_photos else []
+    if target_index is None:
+        return mine, extra
+    return [mine[target_index]], mine[:target_index] + mine[target_index + 1:] + extra
+
+
 def load_latents(path, gen):
     """A latents file -> [N, num_ws, w_dim] (W latents [N, w_dim] are broadcast to all layers)."""
     from ..checkpoints import load_latents as read
@@ -139,25 +253,26 @@ def _unlearn(args) -> int:
 
     device = resolve_device(args.device)
     check_unlearn_flags(args, device)
-    if args.image is not None or args.others:
-        check_positive(args.invert_steps, "--invert-steps")
+    check_inversion_flags(args)
     # the output folder is checked before any work (it is written only at the very end)
     check_output_path(args.out, "folder", "--out", overwrite=args.overwrite)
-    photos, others = None, None
+    photos, other_photos, others, target_index = None, None, None, None
     if args.image is not None:
-        from ..invert import prepare_photos
+        from ..inversion import expand_photo_sources, prepare_photos
 
         # Photos are read and aligned before any network is built: a bad photo fails in seconds.
-        photos = prepare_photos(args.image, align=not args.pre_aligned, index=args.face_index, strict=args.strict,
-                                device=device)
-    other_photos = None
+        photos = prepare_photos(expand_photo_sources(args.image), align=not args.pre_aligned, index=args.face_index,
+                                strict=args.strict, device=device)
+        target_index = _target_index(args, len(photos))
     if args.others:
-        from ..invert import list_photos, prepare_photos
+        from ..inversion import list_photos, prepare_photos
 
         files = list_photos(args.others)
         other_photos = prepare_photos(files, align=not args.pre_aligned, device=device)
-        others = {"folder": str(args.others), "photos": [p.name for p in files]}
+        others = {"folder": str(args.others)}
     gen, random_gen = resolve_generator(args.generator, device=device)
+    average = _w_avg(args, gen)
+    encoder = _encoder(args, device)
     id_loss, lpips = build_loss_networks(args, device, args.random_nets)
     cfg_kwargs = dict(iterations=args.iters, lr=args.lr, path=args.path, renderer=args.renderer,
                       precision=args.precision, cuda_graph=not args.no_graph, seed=args.run_seed,
@@ -167,32 +282,31 @@ def _unlearn(args) -> int:
         cfg_kwargs["target"] = args.target
     cfg = UnlearnConfig.baseline(**cfg_kwargs) if args.baseline else UnlearnConfig(**cfg_kwargs)
     scorer = _scorer(args, device)
-    unl = Unlearner(gen, id_loss, lpips, cfg)
-    kwargs = {}
+    unl = Unlearner(gen, id_loss, lpips, cfg, w_avg=average)
+    kwargs, inversion, inverted_others = {}, None, []
     if args.seed is not None:
         kwargs["seeds"] = args.seed
     elif args.latent is not None:
         kwargs["latents"] = load_latents(args.latent, gen)
-    else:
+    if photos is not None or other_photos is not None:
         # Inverted here rather than through unlearn(images=...) so that the inversion gets its own
         # progress bar; the result is the same (the inversion draws from its own seeded generator).
-        from ..invert import invert_images
-
-        inversion = invert_images(gen, photos, id_loss=id_loss, lpips=lpips, steps=args.invert_steps,
-                                  refine_camera=args.refine_camera, progress=not args.no_progress,
-                                  renderer=args.renderer, precision=args.precision)
-        kwargs["latents"] = torch.cat([r.w_plus for r in inversion])
+        inversion, inverted_others = _invert_photos(args, gen, id_loss, lpips, photos, other_photos, target_index,
+                                                    encoder, average)
+        if inversion:
+            kwargs["latents"] = torch.cat([r.w_plus for r in inversion])
     result = unl.unlearn(progress=not args.no_progress, **kwargs)
-    if args.image is not None:
+    if inversion:
         result.inversion = inversion
-    if other_photos is not None:
-        from ..invert import invert_images
-
-        inverted = invert_images(gen, other_photos, id_loss=id_loss, lpips=lpips, steps=max(args.invert_steps, 1),
-                                 refine_camera=args.refine_camera, progress=not args.no_progress,
-                                 renderer=args.renderer, precision=args.precision)
-        result.w_others = torch.cat([r.w_plus for r in inverted])
-        others["inverted"] = [r.summary() for r in inverted]
+    if inverted_others:
+        result.w_others = torch.cat([r.w_plus for r in inverted_others])
+        others = dict(others or {})
+        others["photos"] = [Path(r.aligned.name).name for r in inverted_others]
+        others["inverted"] = [r.summary() for r in inverted_others]
+    if target_index is not None:
+        others = dict(others or {})
+        others["target_index"] = target_index
+        others["target_photo"] = photos[target_index].name
     extra = {"others": others} if others else None
     out = result.save(args.out, generator_spec=args.generator, random_weights=random_gen or args.random_nets,
                       scorer=scorer, extra=extra, overwrite=args.overwrite)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -21,6 +20,8 @@ import torch
 from .. import cameras
 from ..errors import GuideFastError, InputError
 from ..evaluation.views import view_yaws as evaluation_view_yaws
+from ..losslog import LossLog
+from ..seeds import identity_z
 from .config import UnlearnConfig
 from .steps import LOSS_NAMES, FastStep, ReferenceStep, sample_draws
 from .targets import target_latent
@@ -32,8 +33,11 @@ class UnlearnError(GuideFastError):
 
 def latents_from_seeds(gen, seeds, truncation_psi: float = 1.0, fov_degrees: float = 18.837, lookat=(0, 0, 0),
                        radius: float = 2.7):
-    """z ~ N(0, I) from each seed (CPU generator, so results do not depend on the device), mapped
-    with the frontal conditioning camera (guide.md §3.3, Random scenario)."""
+    """z ~ N(0, I) from each seed, drawn as GUIDE's unlearn.py draws it (guide_fast/seeds.py: the
+    camera sampler's four draws first, then z, on the generator's device), mapped with the
+    frontal conditioning camera (docs/guide.md §3.3, Random scenario). On CUDA this is the
+    official latent of `--seed N`; on the CPU a deterministic one that cannot equal it (CPU and
+    CUDA random streams differ), so a seed's identity depends on the device type."""
     if isinstance(seeds, int):
         seeds = [seeds]
     seeds = list(seeds)
@@ -43,7 +47,7 @@ def latents_from_seeds(gen, seeds, truncation_psi: float = 1.0, fov_degrees: flo
         if not isinstance(s, int) or isinstance(s, bool):
             raise InputError(f"seeds must be integers, got {s!r}")
     device = next(gen.parameters()).device
-    z = torch.stack([torch.randn(gen.config.z_dim, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
+    z = torch.stack([identity_z(s, gen.config.z_dim, device) for s in seeds])
     c = cameras.frontal_label(len(seeds), fov_degrees=fov_degrees, lookat=lookat, radius=radius, device=device)
     with torch.no_grad():
         return gen.mapping(z, c, truncation_psi=truncation_psi)
@@ -94,6 +98,7 @@ class UnlearnResult:
     identity_similarity: dict | None = None
     inversion: list | None = None                         # per identity, when started from photos
     w_others: torch.Tensor | None = None                  # other photos of the person, inverted (ID_others)
+    w_avg: dict | None = None                             # where w_avg came from: {"source": "file <sha256>" | ...}
 
     def delta(self):
         from ..checkpoints import compute_delta
@@ -152,7 +157,8 @@ class UnlearnSession:
         lpips = unlearner.lpips.to(self.device).eval().requires_grad_(False)
 
         self.w_source = w_source.to(self.device, torch.float32)
-        self.w_target = target_latent(self.w_source, self.g_s.w_avg, cfg.target, cfg.target_distance)
+        # w_avg: GUIDE's file when the Unlearner was given one, else the mapping buffer (docs/guide.md §3.4)
+        self.w_target = target_latent(self.w_source, unlearner.w_avg.to(self.device), cfg.target, cfg.target_distance)
         step_cls = FastStep if fast else ReferenceStep
         extra = dict(precision=precision, capturable=self.use_graph,
                      identities_per_pass=cfg.identities_per_pass) if fast else {}
@@ -162,9 +168,7 @@ class UnlearnSession:
         self.steps_done = 0
         self.graph = None
         # device-side loss log: one row per step, read back every cfg.log_every steps
-        self.log = torch.zeros(max(cfg.iterations, 1), len(LOSS_NAMES) + self.n, device=self.device)
-        self.step_counter = torch.zeros(1, dtype=torch.long, device=self.device)
-        self._read_upto = 0
+        self.log = LossLog(cfg.iterations, len(LOSS_NAMES) + self.n, self.device)
         self.losses: list = []
         self.identity_losses: list = []
         self.timings = {"setup_s": time.perf_counter() - t0}
@@ -176,9 +180,7 @@ class UnlearnSession:
 
     def _step_and_log(self):
         values, per_id = self.stepper.step(self._draws())
-        row = torch.cat([values.float(), per_id.float()]).unsqueeze(0)
-        self.log.index_copy_(0, self.step_counter.clamp(max=self.log.shape[0] - 1), row)
-        self.step_counter.add_(1)
+        self.log.record(torch.cat([values.float(), per_id.float()]))
 
     def _capture(self):
         """Capture one whole step (draws, forward, backward, Adam) in a CUDA graph."""
@@ -224,21 +226,16 @@ class UnlearnSession:
 
     def read_losses(self) -> list:
         """Copy the log rows written since the last read to the host; fail on a non-finite loss."""
-        end = self.steps_done
-        if end <= self._read_upto:
-            return []
-        rows = self.log[self._read_upto:end].detach().cpu()
+        def non_finite(step, row):
+            terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(LOSS_NAMES, row))
+            return UnlearnError(f"the loss became non-finite at step {step} ({terms}); no output was written")
+
         new = []
-        for j, row in enumerate(rows.tolist()):
-            step = self._read_upto + j + 1
-            if not all(math.isfinite(v) for v in row):
-                terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(LOSS_NAMES, row))
-                raise UnlearnError(f"the loss became non-finite at step {step} ({terms}); no output was written")
+        for step, row in self.log.read(self.steps_done, error=non_finite):
             entry = {"step": step, **{k: v for k, v in zip(LOSS_NAMES, row)}}
             self.losses.append(entry)
             self.identity_losses.append(row[len(LOSS_NAMES):])
             new.append(entry)
-        self._read_upto = end
         return new
 
     def run(self, progress: bool = False, callback=None):
@@ -292,7 +289,7 @@ class UnlearnSession:
         result = UnlearnResult(
             generator=g_u, source=self.unlearner.generator, w_source=self.w_source.detach(),
             w_target=self.w_target.detach(), config=self.config, losses=list(self.losses),
-            identity_losses=list(self.identity_losses),
+            identity_losses=list(self.identity_losses), w_avg=self.unlearner.w_avg.to_dict(),
             timings=dict(self.timings, renderer=self.renderer, precision=self.precision, cuda_graph=self.use_graph,
                          upsample_conv=self.upsample_conv, memory_format=self.memory_format,
                          cached_target_planes=getattr(self.stepper, "cache_target", False),
@@ -318,7 +315,10 @@ class Unlearner:
     `guide_fast.perceptual.LPIPS` (VGG v0.1); config: an UnlearnConfig (paper defaults).
     """
 
-    def __init__(self, generator, id_loss, lpips, config: UnlearnConfig | None = None):
+    def __init__(self, generator, id_loss, lpips, config: UnlearnConfig | None = None, w_avg=None):
+        """w_avg: the average latent of the UFO target and of the photo inversion: a file
+        (GUIDE's w_avg_ffhqrebalanced512-128.pt, [14, 512]), a tensor, or None for the mapping
+        network's buffer (guide_fast.inversion.resolve_w_avg); result.w_avg says which."""
         from ..eg3d.generator import TriPlaneGenerator
 
         if not isinstance(generator, TriPlaneGenerator):
@@ -328,6 +328,9 @@ class Unlearner:
         self.lpips = lpips
         self.config = config or UnlearnConfig()
         self.config.validate()
+        from ..inversion.average import resolve_w_avg
+
+        self.w_avg = resolve_w_avg(w_avg, generator)
 
     def _resolve_latents(self, latents=None, seeds=None, images=None, **invert_kwargs):
         given = [x is not None for x in (latents, seeds, images)]
@@ -339,23 +342,55 @@ class Unlearner:
             w = latents_from_seeds(gen, seeds, self.config.truncation_psi, self.config.fov_degrees, self.config.lookat,
                                    self.config.radius)
         elif images is not None:
-            from ..invert import invert_images
+            from ..inversion import invert_images
 
+            invert_kwargs.setdefault("w_avg", self.w_avg)
             inversion = invert_images(gen, images, id_loss=self.id_loss, lpips=self.lpips, **invert_kwargs)
             w = torch.cat([r.w_plus for r in inversion])
         else:
             w = gen.as_latents(latents, "latents")
         return w.detach().to(next(gen.parameters()).device, torch.float32), inversion
 
-    def prepare(self, latents=None, seeds=None, images=None, **invert_kwargs) -> UnlearnSession:
+    def _split_photos(self, latents, seeds, images, target_index, invert_kwargs):
+        """GUIDE's out-of-domain protocol: every photo inverted together (one GOAE batch), the
+        target_index-th is the identity to forget, the others become w_others (ID_others)."""
+        from ..inversion import invert_images
+
+        if images is None or latents is not None or seeds is not None:
+            raise InputError("target_index picks one of the images= photos; give images= (a folder or a list of "
+                             "photos of one person) and neither latents= nor seeds=")
+        if isinstance(target_index, bool) or not isinstance(target_index, int) or target_index < 0:
+            raise InputError(f"target_index must be an integer >= 0, got {target_index!r}")
+        invert_kwargs.setdefault("w_avg", self.w_avg)
+        results = invert_images(self.generator, images, id_loss=self.id_loss, lpips=self.lpips, **invert_kwargs)
+        if target_index >= len(results):
+            raise InputError(f"target_index {target_index} is out of range: {len(results)} photo(s) given")
+        rest = results[:target_index] + results[target_index + 1:]
+        w_others = torch.cat([r.w_plus for r in rest]) if rest else None
+        return results[target_index].w_plus, [results[target_index]], w_others
+
+    def prepare(self, latents=None, seeds=None, images=None, target_index: int | None = None,
+                **invert_kwargs) -> UnlearnSession:
+        """A session ready to step. target_index (with images=): see _split_photos."""
+        split = None
+        if target_index is not None:
+            latents, *split = self._split_photos(latents, seeds, images, target_index, invert_kwargs)
+            images = None
         w, inversion = self._resolve_latents(latents, seeds, images, **invert_kwargs)
         session = UnlearnSession(self, w)
         session.inversion = inversion
+        if split is not None:
+            session.inversion, session.w_others = split
         return session
 
     def unlearn(self, latents=None, seeds=None, images=None, progress: bool = False, render: bool = True,
-                callback=None, **invert_kwargs) -> UnlearnResult:
-        """Unlearn N identities at once (W+ latents [N, num_ws, w_dim], seeds, or photos)."""
+                callback=None, target_index: int | None = None, **invert_kwargs) -> UnlearnResult:
+        """Unlearn N identities at once (W+ latents [N, num_ws, w_dim], seeds, or photos).
+
+        images= takes photos or a folder; the remaining keywords go to
+        `guide_fast.inversion.invert_images` (e.g. encoder="encoder_FFHQ.pt" for GUIDE's GOAE
+        inversion, steps=N to refine it). target_index=K: the photos are of one person, the K-th
+        is forgotten and the others are kept as result.w_others (GUIDE's out-of-domain protocol)."""
         cfg = self.config
         devices = [next(self.generator.parameters()).device]
         cuda_devices = [d for d in devices if d.type == "cuda"]
@@ -366,9 +401,11 @@ class Unlearner:
                 torch.manual_seed(cfg.seed)
             if images is not None:
                 invert_kwargs.setdefault("progress", progress)
-            session = self.prepare(latents, seeds, images, **invert_kwargs)
+            session = self.prepare(latents, seeds, images, target_index=target_index, **invert_kwargs)
             session.run(progress=progress, callback=callback)
             result = session.finish(render=render)
         result.inversion = getattr(session, "inversion", None)
+        if result.w_others is None:
+            result.w_others = getattr(session, "w_others", None)
         result.timings["total_s"] = time.perf_counter() - t0
         return result

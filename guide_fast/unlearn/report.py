@@ -82,6 +82,8 @@ def build_report(result, generator_spec=None, random_weights: bool = False, scor
         "generator": None if generator_spec is None else str(generator_spec),
         "source_sha256": getattr(result.source, "source_sha256", None),
         "identities": int(result.w_source.shape[0]),
+        # the w_avg of the UFO target (and of any inversion): "file <sha256>" or "mapping buffer"
+        "w_avg": getattr(result, "w_avg", None),
         "config": result.config.to_dict(),
         "environment": environment(),
         "timings": result.timings,

@@ -1,0 +1,145 @@
+"""The average latent w_avg: GUIDE's file or the mapping network's buffer (docs/guide.md §2, §3.4).
+
+GUIDE reads `w_avg_ffhqrebalanced512-128.pt`, a float tensor [14, 512] (docs/formats.md), and
+uses it twice: as the offset of the GOAE encoder (w_u = GOAE(x) + w_avg) and as the centre of
+the UFO target (w_t = w_avg - d (w_u - w_avg) / ||w_u - w_avg||_F). Its maintainers say the file
+is the mapping network's tracked average (`backbone.mapping.w_avg`, [512]) repeated per layer,
+so without a file guide-fast uses that buffer; `w_avg_distance` shows how far a file is from it.
+
+One `AverageLatent` serves a whole run (optimisation start, encoder offset, UFO target), and the
+run's report says where it came from.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError, InputError
+
+MAPPING_BUFFER = "mapping buffer"
+
+
+@dataclass(frozen=True)
+class AverageLatent:
+    """w_avg as a W+ latent [num_ws, w_dim] (float32, CPU) and where it came from: source is
+    "mapping buffer", "file <sha256>" or "tensor" (given through the API); path names the file."""
+
+    latent: torch.Tensor
+    source: str
+    path: str | None = None
+
+    @classmethod
+    def from_generator(cls, generator) -> "AverageLatent":
+        """The mapping network's buffer [w_dim], repeated for every layer."""
+        buf = generator.w_avg.detach().float().cpu()
+        return cls(buf.reshape(1, -1).expand(generator.num_ws, -1).clone(), MAPPING_BUFFER)
+
+    def to(self, device) -> torch.Tensor:
+        return self.latent.to(device)
+
+    def to_dict(self) -> dict:
+        d = {"source": self.source, "shape": list(self.latent.shape)}
+        if self.path is not None:
+            d["path"] = self.path
+        return d
+
+
+def _as_latent(t: torch.Tensor, generator, label: str) -> torch.Tensor:
+    """[w_dim], [num_ws, w_dim] or [1, num_ws, w_dim] -> [num_ws, w_dim] float32, checked."""
+    num_ws, w_dim = int(generator.num_ws), int(generator.config.w_dim)
+    if not (t.is_floating_point()):
+        raise InputError(f"{label} holds a {str(t.dtype).replace('torch.', '')} tensor; expected floating point "
+                         f"(w_avg is a float tensor [{num_ws}, {w_dim}])")
+    shape = tuple(t.shape)
+    if shape == (w_dim,):
+        t = t.reshape(1, w_dim).expand(num_ws, w_dim)
+    elif shape == (1, num_ws, w_dim):
+        t = t[0]
+    elif shape != (num_ws, w_dim):
+        raise InputError(f"{label} has shape {list(shape)}; expected [{num_ws}, {w_dim}] (GUIDE's file), "
+                         f"[1, {num_ws}, {w_dim}] or [{w_dim}] for this generator")
+    t = t.detach().float().cpu()
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise InputError(f"{label} holds {bad} non-finite value(s) (NaN or inf)")
+    return t.contiguous().clone()
+
+
+def _read_tensor(path: Path, label: str) -> torch.Tensor:
+    """The one tensor in a .pt/.pth (torch.save, read with weights_only), .npy or .safetensors file."""
+    from ..checkpoints import read_npy_file, read_torch_file
+
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        arr = read_npy_file(path, label)
+        if arr.dtype.kind not in "fiub":
+            raise InputError(f"{label} {path}: a {arr.dtype} array; expected a float array")
+        return torch.from_numpy(np.array(arr))
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            obj = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises several types
+            raise CheckpointError(f"{label} {path}: not a readable safetensors file ({type(exc).__name__})") from None
+    else:
+        obj = read_torch_file(path, label)
+    if isinstance(obj, dict):
+        tensors = {k: v for k, v in obj.items() if torch.is_tensor(v)}
+        key = "w_avg" if "w_avg" in tensors else (next(iter(tensors)) if len(tensors) == 1 else None)
+        if key is None:
+            names = ", ".join(sorted(map(str, obj))[:8]) or "nothing"
+            raise InputError(f"{label} {path}: expected one tensor (or an entry 'w_avg'), found {names}")
+        obj = tensors[key]
+    if not torch.is_tensor(obj):
+        raise InputError(f"{label} {path} holds a {type(obj).__name__}, not a tensor")
+    return obj
+
+
+def load_w_avg(path, generator, what: str = "w_avg file") -> AverageLatent:
+    """Read a w_avg file for `generator`: GUIDE's [14, 512] tensor, also [1, 14, 512] or [512]
+    (then repeated per layer); floating point and finite. Errors name the file and the problem."""
+    from ..checkpoints import sha256_file
+
+    path = Path(path)
+    label = f"{what} {path}"
+    t = _read_tensor(path, what)
+    latent = _as_latent(t, generator, label)
+    return AverageLatent(latent, f"file {sha256_file(path)}", str(path))
+
+
+def resolve_w_avg(w_avg, generator) -> AverageLatent:
+    """None: the mapping buffer; a path: load_w_avg; a tensor ([w_dim], [num_ws, w_dim] or
+    [1, num_ws, w_dim]); an AverageLatent: checked against the generator."""
+    if w_avg is None:
+        return AverageLatent.from_generator(generator)
+    if isinstance(w_avg, AverageLatent):
+        return AverageLatent(_as_latent(w_avg.latent, generator, f"w_avg ({w_avg.source})"), w_avg.source, w_avg.path)
+    if isinstance(w_avg, (str, os.PathLike)):
+        return load_w_avg(w_avg, generator)
+    if torch.is_tensor(w_avg):
+        return AverageLatent(_as_latent(w_avg, generator, "w_avg tensor"), "tensor")
+    raise InputError(f"w_avg must be a file path, a tensor or None (the mapping buffer), got {type(w_avg).__name__}")
+
+
+def w_avg_distance(w_avg, generator) -> dict:
+    """How far a w_avg (file path, tensor or AverageLatent) is from the generator's mapping
+    buffer repeated per layer: max_abs = max |file - buffer|, rel_frobenius = ||file - buffer||_F /
+    ||buffer||_F (over all num_ws x w_dim entries), and the layer with the largest difference."""
+    given = resolve_w_avg(w_avg, generator)
+    buffer = AverageLatent.from_generator(generator).latent.double()
+    diff = given.latent.double() - buffer
+    per_layer = diff.abs().amax(dim=1)
+    norm = float(buffer.norm())
+    return {
+        "source": given.source,
+        "max_abs": float(diff.abs().max()),
+        "rel_frobenius": float(diff.norm()) / norm if norm > 0 else (0.0 if float(diff.norm()) == 0 else math.inf),
+        "worst_layer": int(per_layer.argmax()),
+        "identical": bool(torch.equal(given.latent, buffer.float())),
+    }
