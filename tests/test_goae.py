@@ -87,9 +87,9 @@ def test_round_trip_through_torch_save_at_256(tmp_path):
     assert list(got) == list(state) and all(torch.equal(got[k], state[k]) for k in state)
     assert got["swin_model.layers.0.blocks.0.attn.relative_position_index"].dtype == torch.int64
     assert not enc.training and enc.mode == "eval"
-    x = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(1)) * 2 - 1
     w = enc(x)
-    assert w.shape == (2, 14, 512) and w.dtype == torch.float32 and bool(torch.isfinite(w).all())
+    assert w.shape == (1, 14, 512) and w.dtype == torch.float32 and bool(torch.isfinite(w).all())
     assert w.grad_fn is None  # inference only
 
 
