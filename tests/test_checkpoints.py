@@ -1,4 +1,5 @@
 """Safe checkpoint loading (docs/eg3d.md §7.4), own format, convert, deltas."""
+import json
 import os
 import pickle
 import sys
@@ -12,11 +13,11 @@ from guide_fast.checkpoints import (
 )
 from guide_fast.cli import main as cli_main
 from guide_fast.eg3d.generator import build_generator
-from guide_fast.errors import CheckpointError
+from guide_fast.errors import CheckpointError, InputError
 from guide_fast.render import make_render_draws
 
 sys.path.insert(0, os.path.dirname(__file__))
-from official_pickle import official_pickle_bytes  # noqa: E402
+from official_pickle import OFFICIAL_RELEASES, SHAPENET_KWARGS, official_pickle_bytes, official_release_pickle  # noqa: E402
 
 
 def _outputs(g, seed=0):
@@ -170,26 +171,139 @@ def test_convert_cli_round_trips_to_identical_outputs(tmp_path, capsys):
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_delta_apply_and_revert(tmp_path):
-    src = build_generator("tiny", seed=0)
+def _perturbed(src, scale=1e-2, seed=0):
     new = src.copy()
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in new.named_parameters():
             if name.startswith("backbone.synthesis."):
-                p.add_(torch.randn_like(p) * 1e-2)
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+    return new
+
+
+def test_delta_apply_and_revert_are_bit_exact_and_checked(tmp_path):
+    src = build_generator("tiny", seed=0)
+    new = _perturbed(src)
+    with torch.no_grad():  # magnitudes far apart: the float64 difference alone is not exact here
+        p = new.backbone.synthesis.b4.conv1.weight
+        src.backbone.synthesis.b4.conv1.weight.view(-1)[:3] = torch.tensor([1e-30, 3e-20, 0.0])
+        p.view(-1)[:3] = torch.tensor([0.5, -7.0, 1e-38])
     path = save_delta(src, new, tmp_path / "delta.safetensors")
     delta, meta = load_delta(path)
     assert all(k.startswith("backbone.synthesis.") for k in delta)
+    assert any("::fix_" in k for k in delta), "the far-apart magnitudes need the exact-value patch"
     assert meta["source_fingerprint"] == state_fingerprint(src)
+    assert meta["result_fingerprint"] == state_fingerprint(new)
     applied = apply_delta(src.copy(), delta, meta)
-    for (k, a), b in zip(applied.state_dict().items(), new.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=k)
+    _assert_same_weights(applied, new)
     reverted = apply_delta(applied, delta, meta, sign=-1)
-    for (k, a), b in zip(reverted.state_dict().items(), src.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=k)
+    _assert_same_weights(reverted, src)
+    again = apply_delta(reverted, delta, meta)        # keep only the delta: apply, revert, apply ...
+    assert state_fingerprint(again) == meta["result_fingerprint"]
     other = build_generator("tiny", seed=1)
     with pytest.raises(CheckpointError, match="different source"):
         apply_delta(other, delta, meta)
+    with pytest.raises(CheckpointError, match="different result"):   # revert on the wrong generator
+        apply_delta(src.copy(), delta, meta, sign=-1)
+    for sign in (float("nan"), 2, 0.5, 0, True, "1"):
+        with pytest.raises(InputError, match="sign must be"):
+            apply_delta(src.copy(), delta, meta, sign=sign)
+    with pytest.raises(CheckpointError, match="without metadata"):
+        apply_delta(src.copy(), delta, None)
+    _assert_same_weights(apply_delta(src.copy(), delta, None, force=True), new)
+    with pytest.raises(InputError, match="reserved"):
+        save_delta(src, new, tmp_path / "d2.safetensors", extra={"config": {"lr": 1}})
+    assert json.loads(meta["config"]) == src.config.to_dict()
+
+
+def test_unlearning_twice_records_the_fingerprint_chain(tmp_path, capsys):
+    from guide_fast.checkpoints import checkpoint_history
+
+    g0 = build_generator("tiny", seed=2)
+    pkl = tmp_path / "eg3d.pkl"
+    pkl.write_bytes(official_pickle_bytes(g0))
+    src = load_generator(pkl)
+    fp0 = state_fingerprint(src)
+    assert [s["action"] for s in src.checkpoint_history] == ["origin"]
+    from guide_fast.checkpoints.format import history_with
+
+    g1 = _perturbed(src, seed=1)
+    g1.checkpoint_history = history_with(g1, action="unlearn", identities=1)
+    save_generator(g1, tmp_path / "g1.safetensors")
+    l1 = load_generator(tmp_path / "g1.safetensors")
+    g2 = _perturbed(l1, seed=2)
+    g2.checkpoint_history = history_with(g2, action="unlearn", identities=2)
+    save_delta(l1, g2, tmp_path / "d2.safetensors")
+    save_generator(g2, tmp_path / "g2.safetensors")
+    info = checkpoint_history(tmp_path / "g2.safetensors")
+    chain = info["history"]
+    assert [s["action"] for s in chain] == ["origin", "unlearn", "unlearn"]
+    assert chain[0]["result"] == fp0 and chain[1]["parent"] == fp0
+    assert chain[1]["result"] == state_fingerprint(l1) == chain[2]["parent"]
+    assert chain[2]["result"] == info["fingerprint"] == state_fingerprint(g2)
+    _, meta = load_delta(tmp_path / "d2.safetensors")
+    assert json.loads(meta["history"]) == chain
+    assert cli_main(["history", str(tmp_path / "g2.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert f"{fp0[:16]} -> {chain[1]['result'][:16]}" in out and "2. unlearn" in out and "identities=2" in out
+    # a broken chain in the metadata is refused
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(tmp_path / "g2.safetensors"), framework="pt") as f:
+        m = dict(f.metadata())
+    bad = json.loads(m["history"])
+    bad[2]["parent"] = "0" * 64
+    m["history"] = json.dumps(bad)
+    save_file(load_file(str(tmp_path / "g2.safetensors")), str(tmp_path / "bad.safetensors"), metadata=m)
+    with pytest.raises(CheckpointError, match="does not continue"):
+        load_generator(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("release", list(OFFICIAL_RELEASES))
+def test_every_official_configuration_loads(tmp_path, release):
+    gen, data = official_release_pickle(release)
+    path = tmp_path / f"{release}.pkl"
+    path.write_bytes(data)
+    loaded = load_generator(path)
+    nrr = OFFICIAL_RELEASES[release][0]
+    assert loaded.config == gen.config and loaded.neural_rendering_resolution == nrr
+    assert loaded.superresolution.in_resolution == 128 and loaded.config.img_resolution == 512
+    assert state_fingerprint(loaded) == state_fingerprint(gen)
+
+
+def test_shapenet_cars_is_refused_with_the_reason(tmp_path):
+    g = build_generator("tiny", seed=0)
+    path = tmp_path / "shapenetcars128-64.pkl"
+    path.write_bytes(official_pickle_bytes(g, rendering_kwargs=SHAPENET_KWARGS,
+                                           init_kwargs={"img_resolution": 128}, g_attrs={"neural_rendering_resolution": 64}))
+    with pytest.raises(CheckpointError, match=r"SuperresolutionHybrid2X.*ShapeNet cars.*SynthesisBlockNoUp"):
+        load_generator(path)
+
+
+def test_low_rendering_resolution_is_resized_with_sr_antialias():
+    """ffhq512-64's rule at a tiny size: the 16x16 render is resized to the SR input (32) with
+    F.interpolate(bilinear, antialias=rendering_kwargs['sr_antialias']), as the official SR."""
+    from guide_fast.eg3d.generator import PRESETS, TriPlaneGenerator
+    from dataclasses import replace
+
+    base = PRESETS["tiny"]()
+    outs = {}
+    for aa in (True, False):
+        cfg = replace(base, neural_rendering_resolution=16, rendering_kwargs={**base.rendering_kwargs, "sr_antialias": aa})
+        torch.manual_seed(0)
+        g = TriPlaneGenerator(cfg).eval().requires_grad_(False)
+        assert g.superresolution.in_resolution == 32 and g.superresolution.antialias is aa
+        rgb = torch.randn(1, 3, 16, 16)
+        feat = torch.cat([rgb, torch.randn(1, cfg.decoder_output_dim - 3, 16, 16)], 1)
+        ws = torch.randn(1, g.num_ws, cfg.w_dim)
+        up = torch.nn.functional.interpolate(feat, size=(32, 32), mode="bilinear", align_corners=False, antialias=aa)
+        with torch.no_grad():
+            got = g.superresolution(rgb, feat, ws)
+            want = g.superresolution(up[:, :3], up, ws)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        outs[aa] = _outputs(g)["image"]
+        assert outs[aa].shape == (2, 3, 64, 64) and torch.isfinite(outs[aa]).all()
 
 
 def test_non_finite_generators_are_neither_loaded_nor_written(tmp_path):

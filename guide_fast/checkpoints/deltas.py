@@ -1,5 +1,5 @@
 """Weight deltas: what an unlearning run changed, applied and reverted bit-exactly
-(docs/formats.md §5).
+(docs/formats.md §4).
 
 A delta holds, for every `backbone.synthesis.*` parameter, the difference unlearned - source
 in float64. The difference of two float32 numbers is exact in float64 unless their exponents

@@ -38,9 +38,11 @@ def read_official_pickle(path, key: str = "G_ema"):
     else:
         rec = root
     if not (isinstance(rec, Call) and isinstance(rec.func, Global) and rec.func.path == PERSISTENCE_PATH):
-        what = rec.func.path if isinstance(rec, Call) and isinstance(rec.func, Global) else type(rec).__name__
-        raise CheckpointError(f"{path}: {key} is a {what}, not an EG3D network object (a torch_utils.persistence "
-                              "record)")
+        if isinstance(rec, Call) and isinstance(rec.func, Global):
+            raise CheckpointError(f"{path}: {key} references the global {rec.func.path}, which is not on the "
+                                  "allow-list of an EG3D network pickle (nothing from the file was executed)")
+        raise CheckpointError(f"{path}: {key} is a {type(rec).__name__}, not an EG3D network object (a "
+                              "torch_utils.persistence record)")
     interp = Interpreter(source, tensor_budget(len(data)))
     obj = interp.value(rec, key)
     if not isinstance(obj, ObjectRecord):

@@ -1,5 +1,5 @@
 """Generators: loading (official pickle or guide-fast safetensors), the project's own format,
-fingerprints and the checkpoint history (docs/formats.md §3-4).
+fingerprints and the checkpoint history (docs/formats.md §3).
 
 Own format: one safetensors file whose metadata holds the JSON config, the sha256 of the
 checkpoint it came from, the neural rendering resolution, and `history`: the chain of weight
