@@ -114,16 +114,23 @@ def save_result(result, out_dir, generator_spec=None, random_weights: bool = Fal
     from safetensors.torch import save_file
 
     from ..checkpoints import save_delta, save_generator
+    from ..checkpoints.format import history_with
     from ..io import check_output_path, staged_folder
 
     out_dir = Path(out_dir)
     check_output_path(out_dir, "folder", flag=None, overwrite=overwrite)  # before the report's scoring
     report = build_report(result, generator_spec, random_weights, scorer, extra)
+    # the chain of weight fingerprints: the source's history (a generator unlearned before keeps
+    # its earlier steps) plus this run, parent -> result (docs/formats.md §3)
+    n_ids = int(result.w_source.shape[0])
+    result.generator.checkpoint_history = history_with(result.source)
+    result.generator.checkpoint_history = history_with(result.generator, action="unlearn", identities=n_ids)
     with staged_folder(out_dir, overwrite=overwrite) as stage:
         save_generator(result.generator, stage / "generator.safetensors",
                        source_sha256=getattr(result.source, "source_sha256", None))
+        # the delta's "config" stays the generator's; the run's settings go under "unlearn_config"
         save_delta(result.source, result.generator, stage / "delta.safetensors",
-                   extra={"identities": str(result.w_source.shape[0]), "config": result.config.to_dict()})
+                   extra={"identities": str(n_ids), "unlearn_config": result.config.to_dict()})
         latents = {"w_source": result.w_source, "w_target": result.w_target}
         if result.w_others is not None:
             latents["w_others"] = result.w_others
