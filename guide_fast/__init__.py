@@ -1,8 +1,12 @@
 """guide-fast: GUIDE identity unlearning for EG3D, fast.
 
-Public surface: build_generator, load_generator, save_generator, render_triplanes,
-IdentityScorer, Unlearner, UnlearnConfig, evaluate (and the `guide-fast` command).
-Heavy parts are imported on first use so that `import guide_fast` stays cheap.
+Public surface (every name below, from `guide_fast` itself): the generator (build_generator,
+load_generator, save_generator, TriPlaneGenerator, GeneratorConfig), the renderer
+(render_triplanes, RenderOptions, make_render_draws), the loss networks (IdentityLoss,
+load_backbone, LPIPS), identity scoring (IdentityScorer), unlearning (Unlearner, UnlearnConfig),
+evaluation (evaluate), the execution plan (ExecutionPlan) and the errors (GuideFastError,
+InputError, CheckpointError); plus the `guide-fast` command. Heavy parts are imported on first
+use so that `import guide_fast` stays cheap.
 """
 from __future__ import annotations
 
@@ -15,6 +19,15 @@ _LAZY = {
     "load_generator": ("guide_fast.checkpoints", "load_generator"),
     "save_generator": ("guide_fast.checkpoints", "save_generator"),
     "render_triplanes": ("guide_fast.render", "render_triplanes"),
+    "RenderOptions": ("guide_fast.render", "RenderOptions"),
+    "make_render_draws": ("guide_fast.render", "make_render_draws"),
+    "IdentityLoss": ("guide_fast.identity.loss", "IdentityLoss"),
+    "load_backbone": ("guide_fast.identity.backbones", "load_backbone"),
+    "LPIPS": ("guide_fast.perceptual", "LPIPS"),
+    "ExecutionPlan": ("guide_fast.plan", "ExecutionPlan"),
+    "GuideFastError": ("guide_fast.errors", "GuideFastError"),
+    "InputError": ("guide_fast.errors", "InputError"),
+    "CheckpointError": ("guide_fast.errors", "CheckpointError"),
     "IdentityScorer": ("guide_fast.identity.scorer", "IdentityScorer"),
     "Unlearner": ("guide_fast.unlearn.engine", "Unlearner"),
     "UnlearnConfig": ("guide_fast.unlearn.config", "UnlearnConfig"),
@@ -26,7 +39,7 @@ _LAZY = {
 __all__ = sorted(_LAZY) + ["__version__"]
 
 
-def __getattr__(name):
+def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
@@ -35,3 +48,7 @@ def __getattr__(name):
         globals()[name] = value
         return value
     raise AttributeError(f"module 'guide_fast' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

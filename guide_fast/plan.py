@@ -1,6 +1,6 @@
 """The execution plan: every "how does this run" choice, resolved once from "auto".
 
-One model, two paths (docs/architecture.md): the reference path is the plain-PyTorch oracle
+One model, two paths (ARCHITECTURE.md): the reference path is the plain-PyTorch oracle
 (fp32, the reference renderer, the official operators, eager); the fast path swaps in the fused
 Triton renderer, bf16 autocast, the folded 2x up-convolutions, optional channels_last, CUDA-graph
 capture and (optionally) torch.compile. Which of those a run uses is decided here and nowhere
@@ -36,6 +36,11 @@ def triton_usable(device: torch.device) -> bool:
 
     Read at call time, not import time, so a test can switch TRITON_INTERPRET on and off."""
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def bf16_usable(device: torch.device) -> bool:
+    """bf16 autocast is a fast-path choice on CUDA only (the CPU's bf16 kernels are neither fast nor tested)."""
+    return device.type == "cuda"
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...], auto_ok: bool = True) -> str:
@@ -77,7 +82,7 @@ class ExecutionPlan:
         _choice("memory_format", self.memory_format, MEMORY_FORMATS, auto_ok=False)
         _choice("upsample_conv", self.upsample_conv, UPSAMPLE_CONVS, auto_ok=False)
         on_cuda = self.device.type == "cuda"
-        if self.precision == "bf16" and not on_cuda:
+        if self.precision == "bf16" and not bf16_usable(self.device):
             raise InputError(f"precision 'bf16' needs a CUDA device (the device is {self.device}); use 'fp32' or 'auto'")
         if self.renderer == "triton" and not triton_usable(self.device):
             raise InputError(f"renderer 'triton' needs a CUDA device (the device is {self.device}); "

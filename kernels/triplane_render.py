@@ -541,8 +541,9 @@ def _scalars(opts) -> dict:
     }
 
 
-def render_forward(planes_cl, w0, b0, w1, b1, ray_origins, ray_directions, stratified, importance, opts,
-                   block_rays=None):
+def render_forward(planes_cl: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+                   ray_origins: torch.Tensor, ray_directions: torch.Tensor, stratified: torch.Tensor,
+                   importance: torch.Tensor, opts: RenderOptions, block_rays: int | None = None) -> tuple:
     """Launch the forward and depth-finalize kernels on canonical inputs.
 
     planes_cl [N, 3, H, W, C] channels-last (fp32 / bf16 / fp16); w0 [HID, C], b0 [HID],
@@ -584,9 +585,12 @@ def render_forward(planes_cl, w0, b0, w1, b1, ray_origins, ray_directions, strat
     return features, depth, weight_sum, depth_sum, fine[..., :s_imp], bounds
 
 
-def render_backward(planes_cl, w0, b0, w1, b1, ray_origins, ray_directions, stratified, fine, features,
-                    weight_sum, depth_sum, bounds, g_features, g_depth, g_weight_sum, opts,
-                    need_planes_grad=True, need_decoder_grad=True, block_rays=None):
+def render_backward(planes_cl: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+                    ray_origins: torch.Tensor, ray_directions: torch.Tensor, stratified: torch.Tensor,
+                    fine: torch.Tensor, features: torch.Tensor, weight_sum: torch.Tensor, depth_sum: torch.Tensor,
+                    bounds: torch.Tensor, g_features: torch.Tensor, g_depth: torch.Tensor,
+                    g_weight_sum: torch.Tensor, opts: RenderOptions, need_planes_grad: bool = True,
+                    need_decoder_grad: bool = True, block_rays: int | None = None) -> tuple:
     """Launch the backward kernel. Returns (g_planes_cl fp32 [N,3,H,W,C] or None, (g_w0, g_b0, g_w1, g_b1) or None)."""
     n, _, ph, pw, c = planes_cl.shape
     r = ray_origins.shape[1]

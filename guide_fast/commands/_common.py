@@ -5,14 +5,19 @@ level (`guide-fast --help` stays fast)."""
 from __future__ import annotations
 
 import argparse
-import os
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import InputError
+
+if TYPE_CHECKING:  # plan.py imports torch: only when a handler runs
+    import torch
+
+    from ..plan import ExecutionPlan
 
 SEED_LIMIT = 2 ** 63  # torch.Generator.manual_seed / torch.manual_seed take a signed 64-bit seed
 
 
-def seed_type(limit: int = SEED_LIMIT, what: str = "seed"):
+def seed_type(limit: int = SEED_LIMIT, what: str = "seed") -> Callable[[str], int]:
     """argparse type: an integer 0 <= seed < limit."""
 
     def parse(text: str) -> int:
@@ -45,7 +50,7 @@ def parse_seed_list(text: str, flag: str, limit: int = SEED_LIMIT) -> list[int]:
     return seeds
 
 
-def resolve_device(spec, flag: str = "--device"):
+def resolve_device(spec: "str | torch.device | None", flag: str = "--device") -> "torch.device":
     """--device value -> torch.device: cpu, cuda or cuda:N (default: cuda when available).
 
     Refuses names torch does not know (gpu), device types guide-fast does not run on (mps, xpu,
@@ -71,22 +76,35 @@ def resolve_device(spec, flag: str = "--device"):
     return dev
 
 
-def triton_usable(device) -> bool:
-    """The fused renderer runs on CUDA, or anywhere under the Triton interpreter (testing)."""
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+def check_renderer(renderer: str, device: "torch.device", flag: str = "--renderer") -> None:
+    """InputError naming the flag when the plan could not run `renderer` on `device`."""
+    from ..plan import triton_usable
 
-
-def check_renderer(renderer: str, device, flag: str = "--renderer") -> None:
     if renderer == "triton" and not triton_usable(device):
         raise InputError(f"{flag} triton needs a CUDA device (the device is {device}); use {flag} reference "
                          f"or leave {flag} out")
 
 
-def check_precision(precision: str, device, flag: str = "--precision") -> None:
-    if precision == "bf16" and device.type != "cuda":
+def check_precision(precision: str, device: "torch.device", flag: str = "--precision") -> None:
+    """InputError naming the flag when the plan could not run `precision` on `device`."""
+    from ..plan import bf16_usable
+
+    if precision == "bf16" and not bf16_usable(device):
         raise InputError(f"{flag} bf16 needs a CUDA device (the device is {device}); use {flag} fp32")
 
 
-def check_positive(value, flag: str, minimum: int = 1) -> None:
+def resolve_plan(device: "torch.device", *, renderer: str = "auto", precision: str = "auto",
+                 renderer_flag: str = "--renderer", precision_flag: str = "--precision",
+                 **choices) -> "ExecutionPlan":
+    """The command's ExecutionPlan: the flags checked with their names first, then ExecutionPlan.resolve
+    (path, upsample_conv, memory_format, cuda_graph, compile pass through as `choices`)."""
+    from ..plan import ExecutionPlan
+
+    check_renderer(renderer, device, renderer_flag)
+    check_precision(precision, device, precision_flag)
+    return ExecutionPlan.resolve(device, renderer=renderer, precision=precision, **choices)
+
+
+def check_positive(value: "int | float | None", flag: str, minimum: int = 1) -> None:
     if value is not None and value < minimum:
         raise InputError(f"{flag} must be >= {minimum}, got {value}")

@@ -228,8 +228,8 @@ class TriPlaneGenerator(nn.Module):
         # autocast dtype governs instead.
         return device.type == "cuda" and not torch.is_autocast_enabled(device.type)
 
-    def synthesis(self, ws, c, noise_mode: str = "random", render_draws=None, planes=None,
-                  generator=None, validate: bool = True) -> dict:
+    def synthesis(self, ws: torch.Tensor, c: torch.Tensor, noise_mode: str = "random", render_draws: dict | None = None,
+                  planes: torch.Tensor | None = None, generator=None, validate: bool = True) -> dict:
         """ws [N, num_ws, w_dim] + rendering camera c [N, 25] -> images (docs/eg3d.md §1.3).
 
         planes: precomputed tri-planes [N, 3, C, R, R] skip the backbone (the engine caches
@@ -280,7 +280,7 @@ class TriPlaneGenerator(nn.Module):
         return self.synthesis(ws, c, **synthesis_kwargs)
 
     # ----------------------------------------------------------------- utilities
-    def trainable_synthesis_parameters(self):
+    def trainable_synthesis_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """GUIDE trains `backbone.synthesis.*` only (docs/guide.md §3.1 step 3)."""
         return [(k, p) for k, p in self.named_parameters() if k.startswith("backbone.synthesis.")]
 
@@ -288,13 +288,18 @@ class TriPlaneGenerator(nn.Module):
         return copy.deepcopy(self)
 
 
-def build_generator(preset: str = "ffhq512-128", seed: int | None = None, renderer: str = "reference",
-                    device=None, config: GeneratorConfig | None = None) -> TriPlaneGenerator:
+def build_generator(preset: str = "ffhq512-128", seed: int | None = None, renderer: Renderer = "reference",
+                    device: torch.device | str | None = None, config: GeneratorConfig | None = None
+                    ) -> TriPlaneGenerator:
     """A randomly initialised generator of a preset ("ffhq512-128" or "tiny").
 
     The mapping network's w_avg is set to the mean of 2000 mapped latents (frontal camera), so
-    that UFO targets and truncation behave as with a trained network's tracked average.
+    that UFO targets and truncation behave as with a trained network's tracked average. The
+    "tiny" preset (without a `config`) then gets the structured initialisation of
+    guide_fast.eg3d.init (an opaque, shaded body whose colours depend on the latent), so that
+    its random renders show something; the FFHQ preset keeps the plain random initialisation.
     """
+    structured = config is None and preset == "tiny"
     if config is None:
         if preset not in PRESETS:
             raise InputError(f"unknown preset {preset!r}; available: {sorted(PRESETS)}")
@@ -308,6 +313,10 @@ def build_generator(preset: str = "ffhq512-128", seed: int | None = None, render
             z = torch.randn(2000, config.z_dim)
             c = cameras.frontal_label(1).expand(2000, -1)
             gen.backbone.mapping.w_avg.copy_(gen.mapping(z, c)[:, 0].mean(0))
+        if structured:
+            from .init import apply_structured_init
+
+            apply_structured_init(gen)
     gen.eval().requires_grad_(False)
     if device is not None:
         gen = gen.to(device)

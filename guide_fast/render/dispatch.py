@@ -20,8 +20,9 @@ PLANE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _WEIGHT_DTYPES = PLANE_DTYPES + (torch.float64,)
 
 
-def make_render_draws(batch: int, rays: int, options: RenderOptions | Mapping, device: torch.device | str | None = None,
-                      generator: torch.Generator | None = None) -> dict:
+def make_render_draws(batch: int, rays: int, options: RenderOptions | Mapping,
+                      device: torch.device | str | None = None, generator: torch.Generator | None = None
+                      ) -> dict[str, torch.Tensor]:
     """The uniforms the official renderer draws, in its order: stratified jitter, then importance.
 
     {"stratified": [N, rays, S, 1], "importance": [N*rays, S_imp]}, U[0, 1) (docs/eg3d.md §4.7).
@@ -62,7 +63,7 @@ def check_render_draws(render_draws: Mapping, batch: int, rays: int, options: Re
         _check_dtype(f"render_draws[{key!r}]", got, _WEIGHT_DTYPES)
 
 
-def decoder_weights(decoder) -> DecoderWeights:
+def decoder_weights(decoder: "DecoderWeights | torch.nn.Module") -> DecoderWeights:
     """DecoderWeights as given, or a decoder module's `effective_params()` (e.g. an OSGDecoder)."""
     if isinstance(decoder, DecoderWeights):
         return decoder
@@ -131,7 +132,7 @@ def _fused_backend(device: torch.device):
 
 def render_triplanes(
     planes: torch.Tensor,
-    decoder,
+    decoder: "DecoderWeights | torch.nn.Module",
     ray_origins: torch.Tensor,
     ray_directions: torch.Tensor,
     *,

@@ -58,7 +58,8 @@ def sample_from_planes(planes: torch.Tensor, coordinates: torch.Tensor, box_warp
     return out.permute(0, 3, 2, 1).reshape(n, n_planes, m, c)
 
 
-def ray_march(colors: torch.Tensor, densities: torch.Tensor, depths: torch.Tensor, white_back: bool = False):
+def ray_march(colors: torch.Tensor, densities: torch.Tensor, depths: torch.Tensor, white_back: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MipRayMarcher2 (docs/eg3d.md §4.6) over sorted samples [N, R, S, *].
 
     Returns (features [N, R, F] scaled to 2x-1, depth [N, R, 1], weights [N, R, S-1, 1]).
@@ -82,7 +83,8 @@ def ray_march(colors: torch.Tensor, densities: torch.Tensor, depths: torch.Tenso
     return composite_rgb * 2 - 1, composite_depth, weights
 
 
-def stratified_depths(n: int, rays: int, options: RenderOptions, uniforms: torch.Tensor, device) -> torch.Tensor:
+def stratified_depths(n: int, rays: int, options: RenderOptions, uniforms: torch.Tensor,
+                      device: torch.device | str | None) -> torch.Tensor:
     """linspace(start, end, S) + U[0,1) * (end-start)/(S-1) (docs/eg3d.md §4.5) -> [N, R, S, 1]."""
     s = options.depth_resolution
     base = torch.linspace(options.ray_start, options.ray_end, s, device=device).reshape(1, 1, s, 1)
@@ -127,7 +129,8 @@ def sample_pdf(bins: torch.Tensor, weights: torch.Tensor, u: torch.Tensor, eps: 
     return bins_g[..., 0] + (u - cdf_g[..., 0]) / denom * (bins_g[..., 1] - bins_g[..., 0])
 
 
-def unify_samples(depths1, colors1, densities1, depths2, colors2, densities2):
+def unify_samples(depths1: torch.Tensor, colors1: torch.Tensor, densities1: torch.Tensor, depths2: torch.Tensor,
+                  colors2: torch.Tensor, densities2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Concatenate coarse and fine samples and sort by depth (docs/eg3d.md §4.7 step 7)."""
     all_depths = torch.cat([depths1, depths2], dim=-2)
     all_colors = torch.cat([colors1, colors2], dim=-2)

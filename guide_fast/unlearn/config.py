@@ -1,20 +1,24 @@
 """Every constant of GUIDE in one place; the defaults are the paper's / official code's
-(guide.md §3, each field cites its subsection)."""
+(docs/guide.md §3, each field cites its subsection)."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import torch
 
 from ..errors import InputError
+from ..plan import MEMORY_FORMATS, PATHS, PRECISIONS, RENDERERS, UPSAMPLE_CONVS, ExecutionPlan
 
 TARGET_MODES = ("extra", "average")
-LOOP_PATHS = ("fast", "reference")
+LOOP_PATHS = PATHS
 
+
+MAX_ITERATIONS = 1_000_000  # GUIDE runs 1000 steps (docs/guide.md §3.6)
 
 @dataclass
 class UnlearnConfig:
     # §3.1: Adam on backbone.synthesis, lr 1e-4, default betas/eps, 1000 iterations
-MAX_ITERATIONS = 1_000_000  # GUIDE runs 1000 steps (docs/guide.md §3.6)
     iterations: int = 1000
     lr: float = 1e-4
     betas: tuple = (0.9, 0.999)
@@ -53,16 +57,17 @@ MAX_ITERATIONS = 1_000_000  # GUIDE runs 1000 steps (docs/guide.md §3.6)
     # §3.2 backbone noise during fine-tuning
     noise_mode: str = "random"
     seed: int | None = 0
-    # engine choices (not part of GUIDE's maths)
+    # engine choices (not part of GUIDE's maths): the inputs of ExecutionPlan.resolve, which
+    # decides every "auto" (guide_fast/plan.py; `execution_plan()` below)
     path: str = "fast"                 # "fast" (batched, cached, bf16, fused, graph) or "reference"
-    renderer: str = "auto"             # "auto": triton on CUDA for the fast path, reference otherwise
-    precision: str = "auto"            # "auto": bf16 autocast on CUDA (fast path), fp32 elsewhere
-    cuda_graph: bool = True            # capture the fast step in a CUDA graph (CUDA only)
-    upsample_conv: str = "auto"        # "auto": "folded" on the fast path, "reference" on the reference path
+    renderer: str = "auto"             # "reference", "triton" or "auto" (the plan's choice)
+    precision: str = "auto"            # "fp32", "bf16" (autocast) or "auto" (the plan's choice)
+    cuda_graph: bool = True            # capture the fast step in a CUDA graph where the plan can (fast path, CUDA)
+    upsample_conv: str = "auto"        # "reference", "folded" or "auto" (the plan's choice)
     memory_format: str = "contiguous"  # fast path: generator activations "contiguous" (NCHW) or "channels_last"
     # fast path: compute the local target's frozen tri-planes P_s(w_t) once per run. "auto" does so
     # only where that is exact (noise_mode "const" or "none"); with random backbone noise GUIDE
-    # draws fresh noise for P_s(w_t) every step (guide.md §3.5, §7), so "auto" recomputes it, and
+    # draws fresh noise for P_s(w_t) every step (docs/guide.md §3.5, §7), so "auto" recomputes it, and
     # "on" freezes one noise draw for the whole run (one backbone pass per identity cheaper).
     cache_target_planes: str = "auto"
     warmup_steps: int = 2              # eager steps before capture (they are real steps)
@@ -86,14 +91,13 @@ MAX_ITERATIONS = 1_000_000  # GUIDE runs 1000 steps (docs/guide.md §3.6)
             raise InputError(f"unknown target mode {self.target!r}; expected one of {TARGET_MODES}")
         if self.path not in LOOP_PATHS:
             raise InputError(f"unknown path {self.path!r}; expected one of {LOOP_PATHS}")
-        if self.renderer not in ("auto", "reference", "triton"):
-            raise InputError(f"unknown renderer {self.renderer!r}; expected 'auto', 'reference' or 'triton'")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise InputError(f"unknown precision {self.precision!r}; expected 'auto', 'fp32' or 'bf16'")
-        if self.upsample_conv not in ("auto", "reference", "folded"):
-            raise InputError(f"unknown upsample_conv {self.upsample_conv!r}; expected 'auto', 'reference' or 'folded'")
-        if self.memory_format not in ("contiguous", "channels_last"):
-            raise InputError(f"unknown memory_format {self.memory_format!r}; expected 'contiguous' or 'channels_last'")
+        for name, allowed in (("renderer", RENDERERS + ("auto",)), ("precision", PRECISIONS + ("auto",)),
+                              ("upsample_conv", UPSAMPLE_CONVS + ("auto",)), ("memory_format", MEMORY_FORMATS)):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise InputError(f"unknown {name} {value!r}; expected one of {', '.join(repr(a) for a in allowed)}")
+        if not isinstance(self.cuda_graph, bool):
+            raise InputError(f"cuda_graph must be True or False, got {self.cuda_graph!r}")
         if self.cache_target_planes not in ("auto", "on", "off"):
             raise InputError(f"unknown cache_target_planes {self.cache_target_planes!r}; expected 'auto', 'on' or 'off'")
         if self.noise_mode not in ("random", "const", "none"):
@@ -123,6 +127,20 @@ MAX_ITERATIONS = 1_000_000  # GUIDE runs 1000 steps (docs/guide.md §3.6)
             raise InputError("identities_per_pass must be >= 0 (0 = all identities in one pass)")
         if self.eval_views < 1:
             raise InputError("eval_views must be >= 1")
+
+    def execution_plan(self, device: torch.device | str | None = None) -> ExecutionPlan:
+        """The engine fields resolved for `device` (the one place "auto" is decided: ExecutionPlan.resolve).
+
+        cuda_graph=True means "capture where the plan can", i.e. the fast path on CUDA."""
+        return ExecutionPlan.resolve(device, path=self.path, renderer=self.renderer, precision=self.precision,
+                                     memory_format=self.memory_format, upsample_conv=self.upsample_conv,
+                                     cuda_graph="auto" if self.cuda_graph else False)
+
+    def with_plan(self, plan: ExecutionPlan) -> "UnlearnConfig":
+        """A copy whose engine fields are those of `plan` (resolved: no "auto" left)."""
+        return replace(self, path=plan.path, renderer=plan.renderer, precision=plan.precision,
+                       upsample_conv=plan.upsample_conv, memory_format=plan.memory_format,
+                       cuda_graph=plan.cuda_graph)
 
     @property
     def k_adj(self) -> int:

@@ -1,4 +1,4 @@
-"""`Unlearner`: the GUIDE engine's public face (guide.md §3).
+"""`Unlearner`: the GUIDE engine's public face (docs/guide.md §3).
 
     unl = Unlearner(generator, id_loss, lpips, UnlearnConfig())
     result = unl.unlearn(seeds=[7])            # or latents=w [N, num_ws, w_dim], or images=[...]
@@ -14,16 +14,25 @@ import copy
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .. import cameras
 from ..errors import GuideFastError, InputError
 from ..evaluation.views import view_yaws as evaluation_view_yaws
+from ..plan import ExecutionPlan
+
+if TYPE_CHECKING:
+    import os
+    from pathlib import Path
+
+    from ..eg3d.generator import TriPlaneGenerator
 from ..losslog import LossLog
 from ..seeds import identity_z
 from .config import UnlearnConfig
 from .steps import LOSS_NAMES, FastStep, ReferenceStep, sample_draws
+from .streams import IdentityStreams
 from .targets import target_latent
 
 
@@ -31,8 +40,8 @@ class UnlearnError(GuideFastError):
     """The optimisation itself failed (e.g. the loss became non-finite)."""
 
 
-def latents_from_seeds(gen, seeds, truncation_psi: float = 1.0, fov_degrees: float = 18.837, lookat=(0, 0, 0),
-                       radius: float = 2.7):
+def latents_from_seeds(gen: "TriPlaneGenerator", seeds: int | list[int], truncation_psi: float = 1.0,
+                       fov_degrees: float = 18.837, lookat=(0, 0, 0), radius: float = 2.7) -> torch.Tensor:
     """z ~ N(0, I) from each seed, drawn as GUIDE's unlearn.py draws it (guide_fast/seeds.py: the
     camera sampler's four draws first, then z, on the generator's device), mapped with the
     frontal conditioning camera (docs/guide.md §3.3, Random scenario). On CUDA this is the
@@ -60,7 +69,8 @@ def view_yaws(cfg: UnlearnConfig) -> list[float]:
 
 
 @torch.no_grad()
-def render_views(gen, ws: torch.Tensor, cfg: UnlearnConfig, chunk: int = 4, seed: int = 1234):
+def render_views(gen: "TriPlaneGenerator", ws: torch.Tensor, cfg: UnlearnConfig, chunk: int = 4,
+                 seed: int = 1234) -> torch.Tensor:
     """Renders [N, V, 3, H, W] (fp32, [-1,1]) of each latent from the evaluation yaws, constant
     noise and fixed renderer draws, so before/after renders differ only by the weights."""
     from ..render import make_render_draws
@@ -82,6 +92,26 @@ def render_views(gen, ws: torch.Tensor, cfg: UnlearnConfig, chunk: int = 4, seed
     return torch.stack(out)
 
 
+def generator_pair(source: "TriPlaneGenerator", plan: ExecutionPlan | None = None
+                   ) -> tuple["TriPlaneGenerator", "TriPlaneGenerator"]:
+    """(G_u, G_s) as an unlearning run sets them up (docs/guide.md §3.1).
+
+    G_s frozen; G_u a copy whose backbone.synthesis alone trains. Both in train mode as the
+    official code (EG3D has no dropout/batch-norm: it only selects the shared-weight modulated
+    conv, which batches well), both with the plan's operators (renderer, up-convs, layout;
+    `plan=None` keeps the source's)."""
+    pair = []
+    for _ in range(2):
+        g = copy.deepcopy(source)
+        if plan is not None:
+            plan.apply(g)
+        pair.append(g.train().requires_grad_(False))
+    g_u, g_s = pair
+    for _, p in g_u.trainable_synthesis_parameters():
+        p.requires_grad_(True)
+    return g_u, g_s
+
+
 @dataclass
 class UnlearnResult:
     """What one unlearning run produced. `generator` is G_u (eval mode, frozen)."""
@@ -100,12 +130,12 @@ class UnlearnResult:
     w_others: torch.Tensor | None = None                  # other photos of the person, inverted (ID_others)
     w_avg: dict | None = None                             # where w_avg came from: {"source": "file <sha256>" | ...}
 
-    def delta(self):
+    def delta(self) -> dict:
         from ..checkpoints import compute_delta
 
         return compute_delta(self.source, self.generator)
 
-    def save(self, out_dir, **kwargs):
+    def save(self, out_dir: "str | os.PathLike", **kwargs) -> Path:
         from .report import save_result
 
         return save_result(self, out_dir, **kwargs)
@@ -114,57 +144,57 @@ class UnlearnResult:
 class UnlearnSession:
     """A prepared run: copies of the generator, targets, the step and its optimizer."""
 
-    def __init__(self, unlearner: "Unlearner", w_source: torch.Tensor):
+    def __init__(self, unlearner: "Unlearner", w_source: torch.Tensor, dist=None):
         cfg = unlearner.config
+        self.dist = dist  # a distributed.DistContext when the identities are sharded over ranks
         self.config = cfg
         self.unlearner = unlearner
         source = unlearner.generator
         self.device = next(source.parameters()).device
-        on_cuda = self.device.type == "cuda"
         t0 = time.perf_counter()
-        fast = cfg.path == "fast"
-        # the reference loop is the oracle: its "auto" renderer is the PyTorch reference renderer
-        renderer = cfg.renderer if cfg.renderer != "auto" else ("triton" if (on_cuda and fast) else "reference")
-        precision = cfg.precision if cfg.precision != "auto" else ("bf16" if (on_cuda and fast) else "fp32")
-        if precision == "bf16" and not on_cuda:
-            raise InputError("precision 'bf16' needs a CUDA device; use 'fp32' (or 'auto') on the CPU")
-        if cfg.path == "reference" and precision != "fp32":
-            raise InputError("the reference loop is fp32 by definition; use path='fast' for bf16")
-        if cfg.path == "reference" and (cfg.upsample_conv == "folded" or cfg.memory_format != "contiguous"):
-            raise InputError("the reference loop runs the official operators; upsample_conv='folded' and "
-                             "memory_format='channels_last' are fast-path options")
-        upsample_conv = cfg.upsample_conv if cfg.upsample_conv != "auto" else ("folded" if fast else "reference")
-        self.renderer, self.precision, self.upsample_conv = renderer, precision, upsample_conv
-        self.memory_format = cfg.memory_format
+        # every "how does this run" choice, resolved once (guide_fast/plan.py)
+        self.plan = unlearner.execution_plan()
+        fast = self.plan.path == "fast"
         self.finished = False
-        self.use_graph = bool(fast and on_cuda and cfg.cuda_graph)
-
-        # guide.md §3.1: G_s frozen; G_u a copy whose backbone.synthesis alone trains. Both in
-        # train mode as the official code (EG3D has no dropout/batch-norm: it only selects the
-        # shared-weight modulated conv, which batches well).
-        self.g_s = copy.deepcopy(source).set_renderer(renderer).set_upsample_conv(upsample_conv).train()
-        self.g_u = copy.deepcopy(source).set_renderer(renderer).set_upsample_conv(upsample_conv).train()
-        self.g_s.requires_grad_(False)
-        self.g_u.requires_grad_(False)
-        if cfg.memory_format == "channels_last":
-            # 4-D conv weights in NHWC strides make cuDNN keep activations NHWC end to end,
-            # instead of transposing around every convolution (profiling/step_breakdown.py).
-            self.g_s.to(memory_format=torch.channels_last)
-            self.g_u.to(memory_format=torch.channels_last)
-        for _, p in self.g_u.trainable_synthesis_parameters():
-            p.requires_grad_(True)
+        self.use_graph = self.plan.cuda_graph  # turned off if the capture fails (then eager, said so)
+        self.g_u, self.g_s = generator_pair(source, self.plan)
         id_loss = unlearner.id_loss.to(self.device).eval().requires_grad_(False)
         lpips = unlearner.lpips.to(self.device).eval().requires_grad_(False)
 
+        n_total = w_source.shape[0]
+        self.identities = range(n_total)
+        run_seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
+        if dist is not None:
+            from .distributed import shard
+
+            self.identities = shard(n_total, dist.world_size, dist.rank)
+            # rank 0's weights on every rank (distributed.py): generators and loss networks
+            for what, module in (("generator", self.g_s), ("generator", self.g_u), ("identity network", id_loss),
+                                 ("LPIPS", lpips)):
+                dist.broadcast_module(module, f"sharing the {what} weights")
+            run_seed = dist.broadcast_object(run_seed, "sharing the run seed")
+        # every draw of identity i comes from its own stream, keyed by (run seed, i) (streams.py)
+        self.streams = IdentityStreams(run_seed, self.identities, self.device)
         self.w_source = w_source.to(self.device, torch.float32)
         # w_avg: GUIDE's file when the Unlearner was given one, else the mapping buffer (docs/guide.md §3.4)
         self.w_target = target_latent(self.w_source, unlearner.w_avg.to(self.device), cfg.target, cfg.target_distance)
+        if dist is not None:  # rank 0's targets (its w_avg), so every rank optimises the same loss
+            dist.broadcast_tensors([self.w_target], "sharing the UFO targets")
         step_cls = FastStep if fast else ReferenceStep
-        extra = dict(precision=precision, capturable=self.use_graph,
+        extra = dict(plan=self.plan, capturable=self.use_graph,
                      identities_per_pass=cfg.identities_per_pass) if fast else {}
-        self.stepper = step_cls(self.g_u, self.g_s, id_loss, lpips, cfg, self.w_source, self.w_target, **extra)
+        a, b = self.identities.start, self.identities.stop
+        self.stepper = step_cls(self.g_u, self.g_s, id_loss, lpips, cfg, self.w_source[a:b], self.w_target[a:b],
+                                **extra)
         self.layout = self.stepper.layout
-        self.n = self.layout.n
+        self.n = n_total
+        self.reducer = None
+        if dist is not None:
+            from .distributed import GradientReducer
+
+            self.reducer = GradientReducer(dist, self.stepper.params, n_total, self.identities)
+            self.stepper.static_grads = True
+            self.stepper.gradient_hook = self.reducer.hook
         self.steps_done = 0
         self.graph = None
         # device-side loss log: one row per step, read back every cfg.log_every steps
@@ -174,12 +204,33 @@ class UnlearnSession:
         self.timings = {"setup_s": time.perf_counter() - t0}
         self._stream = torch.cuda.Stream(self.device) if self.use_graph else None
 
+    # the plan's choices, under the names the benchmarks and profilers read
+    @property
+    def renderer(self) -> str:
+        return self.plan.renderer
+
+    @property
+    def precision(self) -> str:
+        return self.plan.precision
+
+    @property
+    def upsample_conv(self) -> str:
+        return self.plan.upsample_conv
+
+    @property
+    def memory_format(self) -> str:
+        return self.plan.memory_format
+
     # --------------------------------------------------------------------- stepping
     def _draws(self):
-        return sample_draws(self.config, self.layout, self.g_u.config.z_dim, self.device)
+        return sample_draws(self.config, self.layout, self.g_u.config.z_dim, self.device, streams=self.streams,
+                            render=(self.stepper.rays, self.g_u.render_options))
 
     def _step_and_log(self):
         values, per_id = self.stepper.step(self._draws())
+        self._log_row(values, per_id)
+
+    def _log_row(self, values, per_id):
         self.log.record(torch.cat([values.float(), per_id.float()]))
 
     def _capture(self):
@@ -187,13 +238,25 @@ class UnlearnSession:
         t0 = time.perf_counter()
         torch.cuda.synchronize(self.device)
         self.graph = torch.cuda.CUDAGraph()
-        self.stepper.optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(self.graph):
-            self._step_and_log()
+        for g in self.streams.generators:  # the identity streams advance on every replay
+            self.graph.register_generator_state(g)
+        self.stepper.optimizer.zero_grad(set_to_none=self.reducer is None)
+        if self.reducer is None:
+            with torch.cuda.graph(self.graph):
+                self._step_and_log()
+        else:
+            # distributed: the NCCL all-reduce runs between two graphs, never inside one (distributed.py)
+            update = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.reducer.pack(*self.stepper.forward_backward(self._draws()))
+            with torch.cuda.graph(update):
+                self.stepper.update()
+                self._log_row(self.reducer.losses, self.reducer.identity_losses)
+            self._graph_update = update
         torch.cuda.synchronize(self.device)
         self.timings["capture_s"] = time.perf_counter() - t0
 
-    def step(self):
+    def step(self) -> None:
         """Run one optimisation step (eager, or a graph replay once captured)."""
         if self.finished:
             raise InputError("this session is finished (finish() handed its generator back); prepare a new one")
@@ -208,19 +271,31 @@ class UnlearnSession:
                 self.timings["graph_error"] = f"{type(exc).__name__}: {exc}"[:500]
                 warnings.warn(f"CUDA graph capture failed ({self.timings['graph_error']}); continuing with eager steps")
                 torch.cuda.synchronize(self.device)
-        if self.graph is not None:
-            self.graph.replay()
-        elif self.use_graph:
-            # warm-up steps run on a side stream before capture, as CUDA graphs require
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self._stream):
+        try:
+            if self.graph is not None:
+                self.graph.replay()
+                if self.reducer is not None:
+                    self.reducer.all_reduce(f"step {self.steps_done + 1}")
+                    self._graph_update.replay()
+            elif self.use_graph:
+                # warm-up steps run on a side stream before capture, as CUDA graphs require
+                self._stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(self._stream):
+                    self._step_and_log()
+                torch.cuda.current_stream(self.device).wait_stream(self._stream)
+            else:
                 self._step_and_log()
-            torch.cuda.current_stream(self.device).wait_stream(self._stream)
-        else:
-            self._step_and_log()
-        self.steps_done += 1
+        except Exception as exc:
+            from .distributed import DistributedError
 
-    def synchronize(self):
+            if self.reducer is None or isinstance(exc, DistributedError):
+                raise
+            self.reducer.fail(exc, self.steps_done + 1)  # every rank stops at this step, with this message
+        self.steps_done += 1
+        if self.reducer is not None and self.dist.world_size > 1:
+            self.reducer.check_status(self.steps_done)
+
+    def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -238,7 +313,7 @@ class UnlearnSession:
             new.append(entry)
         return new
 
-    def run(self, progress: bool = False, callback=None):
+    def run(self, progress: bool = False, callback=None) -> "UnlearnSession":
         """Run the remaining iterations. callback(step, session) is called after each step."""
         from tqdm.auto import tqdm
 
@@ -290,11 +365,15 @@ class UnlearnSession:
             generator=g_u, source=self.unlearner.generator, w_source=self.w_source.detach(),
             w_target=self.w_target.detach(), config=self.config, losses=list(self.losses),
             identity_losses=list(self.identity_losses), w_avg=self.unlearner.w_avg.to_dict(),
-            timings=dict(self.timings, renderer=self.renderer, precision=self.precision, cuda_graph=self.use_graph,
-                         upsample_conv=self.upsample_conv, memory_format=self.memory_format,
-                         cached_target_planes=getattr(self.stepper, "cache_target", False),
-                         path=self.config.path, device=str(self.device)),
+            # the plan's fields flat (as before) and whole; cuda_graph says whether capture really ran
+            timings={**self.timings, **self.plan.to_dict(), "plan": self.plan.to_dict(), "cuda_graph": self.use_graph,
+                     "cached_target_planes": getattr(self.stepper, "cache_target", False),
+                     "world_size": self.dist.world_size if self.dist is not None else 1},
         )
+        if self.dist is not None:
+            result.timings["distributed"] = dict(
+                self.dist.describe(), identities=[self.identities.start, self.identities.stop],
+                allreduce_bytes_per_step=self.reducer.bytes_per_step)
         if render:
             t0 = time.perf_counter()
             src = self.g_s
@@ -308,17 +387,28 @@ class UnlearnSession:
 
 
 class Unlearner:
-    """GUIDE unlearning for an EG3D generator (guide.md §3).
+    """GUIDE unlearning for an EG3D generator (docs/guide.md §3).
 
     generator: the source G_s (a TriPlaneGenerator; never modified); id_loss: an
     `guide_fast.identity.IdentityLoss` (ArcFace IR-SE50 for GUIDE); lpips: a
-    `guide_fast.perceptual.LPIPS` (VGG v0.1); config: an UnlearnConfig (paper defaults).
+    `guide_fast.perceptual.LPIPS` (VGG v0.1); config: an UnlearnConfig (paper defaults);
+    plan: an ExecutionPlan on the generator's device (default: resolved from the config's engine
+    fields, `UnlearnConfig.execution_plan`). A given plan replaces those fields of the config, so
+    the report's config and plan agree.
     """
 
-    def __init__(self, generator, id_loss, lpips, config: UnlearnConfig | None = None, w_avg=None):
+    def __init__(self, generator, id_loss, lpips, config: UnlearnConfig | None = None, process_group=None, *,
+                 plan: ExecutionPlan | None = None, w_avg=None):
         """w_avg: the average latent of the UFO target and of the photo inversion: a file
         (GUIDE's w_avg_ffhqrebalanced512-128.pt, [14, 512]), a tensor, or None for the mapping
-        network's buffer (guide_fast.inversion.resolve_w_avg); result.w_avg says which."""
+        network's buffer (guide_fast.inversion.resolve_w_avg); result.w_avg says which.
+        process_group: None = shard the identities over torch.distributed's default group
+        when it is initialised (a service with its own launcher, or torchrun), else run in this
+        process; False = never shard; a ProcessGroup = shard over that group. Sharded, every
+        rank calls unlearn() with the same config; rank 0's generator, loss networks and
+        identities (seeds, latents or photos: rank 0's are used) are broadcast, every rank
+        returns the same result, and only rank 0 should save it (result.timings["distributed"]
+        ["rank"]). See guide_fast.unlearn.distributed."""
         from ..eg3d.generator import TriPlaneGenerator
 
         if not isinstance(generator, TriPlaneGenerator):
@@ -328,9 +418,31 @@ class Unlearner:
         self.lpips = lpips
         self.config = config or UnlearnConfig()
         self.config.validate()
+        self.process_group = process_group
         from ..inversion.average import resolve_w_avg
 
         self.w_avg = resolve_w_avg(w_avg, generator)
+        self.plan = None
+        if plan is not None:
+            if not isinstance(plan, ExecutionPlan):
+                raise InputError(f"plan must be an ExecutionPlan, got {type(plan).__name__}")
+            device = next(generator.parameters()).device
+            if plan.device != device:
+                raise InputError(f"the plan is for {plan.device} but the generator is on {device}; "
+                                 f"resolve the plan for the generator's device")
+            self.config = self.config.with_plan(plan)
+            self.plan = plan
+
+    def execution_plan(self) -> ExecutionPlan:
+        """The plan runs use: the given one, else resolved from the config for the generator's device."""
+        if self.plan is not None:
+            return self.plan
+        return self.config.execution_plan(next(self.generator.parameters()).device)
+
+    def _dist(self):
+        from .distributed import resolve_group
+
+        return resolve_group(self.process_group)
 
     def _resolve_latents(self, latents=None, seeds=None, images=None, **invert_kwargs):
         given = [x is not None for x in (latents, seeds, images)]
@@ -376,10 +488,16 @@ class Unlearner:
         if target_index is not None:
             latents, *split = self._split_photos(latents, seeds, images, target_index, invert_kwargs)
             images = None
-        w, inversion = self._resolve_latents(latents, seeds, images, **invert_kwargs)
-        session = UnlearnSession(self, w)
-        session.inversion = inversion
-        if split is not None:
+        ctx = self._dist()
+        if ctx is not None:
+            from .distributed import prepare_sharded
+
+            session = prepare_sharded(self, ctx, latents, seeds, images, invert_kwargs)
+        else:
+            w, inversion = self._resolve_latents(latents, seeds, images, **invert_kwargs)
+            session = UnlearnSession(self, w)
+            session.inversion = inversion
+        if split is not None and session is not None:
             session.inversion, session.w_others = split
         return session
 
@@ -402,8 +520,13 @@ class Unlearner:
             if images is not None:
                 invert_kwargs.setdefault("progress", progress)
             session = self.prepare(latents, seeds, images, target_index=target_index, **invert_kwargs)
-            session.run(progress=progress, callback=callback)
-            result = session.finish(render=render)
+            if session.dist is None:
+                session.run(progress=progress, callback=callback)
+                result = session.finish(render=render)
+            else:
+                from .distributed import run_sharded
+
+                result = run_sharded(session, progress, callback, render)
         result.inversion = getattr(session, "inversion", None)
         if result.w_others is None:
             result.w_others = getattr(session, "w_others", None)

@@ -10,12 +10,16 @@ from __future__ import annotations
 import os
 import platform
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from ..evaluation.views import score_view_renders
+from ..evaluation.views import score_view_renders, view_yaws
 from ..io import save_image, to_uint8, write_json
+
+if TYPE_CHECKING:  # the engine imports this module; this one only names its result type
+    from .engine import UnlearnResult
 
 OUTPUT_FILES = ("generator.safetensors", "delta.safetensors", "latents.safetensors", "grid.png", "report.json")
 
@@ -73,9 +77,8 @@ def grid_image(result, max_tile: int = 256) -> np.ndarray:
     return np.concatenate(rows, axis=0)
 
 
-def build_report(result, generator_spec=None, random_weights: bool = False, scorer=None, extra=None) -> dict:
-    from .engine import view_yaws
-
+def build_report(result: "UnlearnResult", generator_spec=None, random_weights: bool = False, scorer=None,
+                 extra=None) -> dict:
     report = {
         "what": "GUIDE identity unlearning (guide-fast)",
         "random_weights": bool(random_weights),
@@ -89,7 +92,8 @@ def build_report(result, generator_spec=None, random_weights: bool = False, scor
         "timings": result.timings,
         "losses": result.losses,
         "identity_losses": result.identity_losses,
-        "views": {"yaw_offsets": view_yaws(result.config), "pitch": result.config.pitch},
+        "views": {"yaw_offsets": view_yaws(result.config.yaw_range, result.config.eval_views),
+                  "pitch": result.config.pitch},
         "files": list(OUTPUT_FILES),
     }
     if random_weights:
@@ -120,6 +124,12 @@ def save_result(result, out_dir, generator_spec=None, random_weights: bool = Fal
     out_dir = Path(out_dir)
     check_output_path(out_dir, "folder", flag=None, overwrite=overwrite)  # before the report's scoring
     report = build_report(result, generator_spec, random_weights, scorer, extra)
+    # grid.png, losses.png, identity.png: held-out renders and identity scores (unlearn/plots.py)
+    from .plots import PICTURES, prepare_pictures, write_pictures
+
+    pictures = prepare_pictures(result, scorer, random_weights=random_weights)
+    report["pictures"] = pictures.summary()
+    report["files"] = list(dict.fromkeys(list(report.get("files", [])) + list(PICTURES)))
     # the chain of weight fingerprints: the source's history (a generator unlearned before keeps
     # its earlier steps) plus this run, parent -> result (docs/formats.md §3)
     n_ids = int(result.w_source.shape[0])
@@ -135,8 +145,7 @@ def save_result(result, out_dir, generator_spec=None, random_weights: bool = Fal
         if result.w_others is not None:
             latents["w_others"] = result.w_others
         save_file({k: v.detach().cpu().contiguous() for k, v in latents.items()}, str(stage / "latents.safetensors"))
-        if result.renders is not None:
-            save_image(stage / "grid.png", grid_image(result))
+        write_pictures(stage, result, pictures)
         for i, inverted in enumerate(result.inversion or []):
             inverted.save_images(stage, prefix=f"identity{i}_")  # aligned crop + reconstruction
         write_json(stage / "report.json", report)

@@ -1,4 +1,4 @@
-"""One GUIDE optimisation step, two ways (guide.md §3.5).
+"""One GUIDE optimisation step, two ways (docs/guide.md §3.5).
 
 `ReferenceStep`: the official order of operations: eager fp32, batch 1, one term at a time,
 separate backbone passes for the tri-plane MSE and the image. The oracle and the speed baseline.
@@ -17,13 +17,13 @@ Both consume a `StepDraws`, so they can be run on identical draws and compared.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .. import cameras
+from ..plan import ExecutionPlan
 from ..profiling import nvtx_range
 from .config import UnlearnConfig
 from .targets import adjacency_offsets
@@ -72,7 +72,7 @@ class Layout:
         sub = Layout(b - a, self.use_local, self.k_adj, self.k_glob)
         return [pos[(kind, a + i, k)] for kind, i, k in sub.entries()]
 
-    def entries(self):
+    def entries(self) -> list[tuple[str, int, int]]:
         """(kind, identity, k) for each entry, in order."""
         out = [("local", i, 0) for i in range(self.n_local)]
         out += [("adjacency", i, k) for i in range(self.n) for k in range(self.k_adj)]
@@ -93,13 +93,23 @@ class StepDraws:
     glob_z: torch.Tensor
     render_u: dict | None = None
     render_s: dict | None = None
+    # one stream per identity (streams.IdentityStreams.generators): the backbone noise of each
+    # identity's renders is drawn from its own stream; None: from torch's global generator
+    generators: list | None = None
 
 
-def sample_draws(cfg: UnlearnConfig, layout: Layout, z_dim: int, device, generator=None, render=None) -> StepDraws:
+def sample_draws(cfg: UnlearnConfig, layout: Layout, z_dim: int, device: torch.device | str,
+                 generator: torch.Generator | None = None, render: tuple | None = None,
+                 streams=None) -> StepDraws:
     """Draw one step's randomness on `device` (graph-safe with the default CUDA generator).
 
     render: optional (rays, RenderOptions) to also draw the renderer's uniforms explicitly.
+    streams: a `streams.IdentityStreams` (one generator per identity): every draw of identity i
+    comes from its own stream, in the order that module states, so the draws of an identity do
+    not depend on which other identities share the batch, the pass or the rank (the engine's way).
     """
+    if streams is not None:
+        return _sample_identity_draws(cfg, layout, z_dim, device, streams, render)
     n = layout.n
     kw = dict(device=device, generator=generator)
     yaw = (torch.rand(n, **kw) * 2 - 1) * cfg.yaw_range
@@ -116,6 +126,28 @@ def sample_draws(cfg: UnlearnConfig, layout: Layout, z_dim: int, device, generat
     return StepDraws(yaw, adj_z, adj_alpha, glob_z, render_u, render_s)
 
 
+def _sample_identity_draws(cfg: UnlearnConfig, layout: Layout, z_dim: int, device, streams, render) -> StepDraws:
+    from .streams import identity_render_draws
+
+    if len(streams) != layout.n:
+        raise ValueError(f"{len(streams)} identity streams for a layout of {layout.n} identities")
+    span = cfg.adjacency_alpha_max - cfg.adjacency_alpha_min
+    yaw, adj_z, adj_alpha, glob_z = [], [], [], []
+    for g in streams.generators:
+        kw = dict(device=device, generator=g)
+        yaw.append((torch.rand(1, **kw) * 2 - 1) * cfg.yaw_range)
+        adj_z.append(torch.randn(1, layout.k_adj, z_dim, **kw))
+        adj_alpha.append(torch.rand(1, layout.k_adj, **kw) * span + cfg.adjacency_alpha_min)
+        glob_z.append(torch.randn(1, layout.k_glob, z_dim, **kw))
+    render_u = render_s = None
+    if render is not None:
+        rays, opts = render
+        render_u = identity_render_draws(streams.generators, layout, rays, opts, device)
+        render_s = identity_render_draws(streams.generators, layout, rays, opts, device)
+    return StepDraws(torch.cat(yaw), torch.cat(adj_z), torch.cat(adj_alpha), torch.cat(glob_z), render_u, render_s,
+                     list(streams.generators))
+
+
 def _slice_draws(draws: dict | None, entry: int, rays: int):
     if draws is None:
         return None
@@ -124,7 +156,7 @@ def _slice_draws(draws: dict | None, entry: int, rays: int):
 
 
 def step_cameras(cfg: UnlearnConfig, yaw: torch.Tensor) -> torch.Tensor:
-    """One rendering camera per identity (guide.md §3.2): yaw pi/2 + U(±yaw_range), polar pi/2 + pitch."""
+    """One rendering camera per identity (docs/guide.md §3.2): yaw pi/2 + U(±yaw_range), polar pi/2 + pitch."""
     return cameras.pose_label(yaw, cfg.pitch, fov_degrees=cfg.fov_degrees, lookat=cfg.lookat, radius=cfg.radius,
                               device=yaw.device)
 
@@ -142,18 +174,37 @@ class _StepBase:
         self.rays = g_u.neural_rendering_resolution ** 2
         self.params = [p for _, p in g_u.trainable_synthesis_parameters()]
         self.entry_identity = self.layout.identity_index(self.device)
+        # True once the gradients are views of one flat buffer (distributed.GradientReducer):
+        # they are then zeroed in place, never replaced
+        self.static_grads = False
+        # called between the backward and the optimizer step with (losses [4], per-identity [n]);
+        # returns them (the distributed engine all-reduces gradients and losses there)
+        self.gradient_hook = None
+
+    def update(self) -> None:
+        """The optimizer step on the gradients of forward_backward."""
+        with nvtx_range("optimizer"):
+            self.optimizer.step()
+
+    def step(self, draws: StepDraws):
+        """One optimisation step: forward, backward, (gradient_hook), Adam. -> (losses [4], per-identity [n])."""
+        values, per_id = self.forward_backward(draws)
+        if self.gradient_hook is not None:
+            values, per_id = self.gradient_hook(values, per_id)
+        self.update()
+        return values, per_id
 
     def map_z(self, z: torch.Tensor) -> torch.Tensor:
-        """Random latents with frontal conditioning, psi from the config (guide.md §3.5(b) step 1).
+        """Random latents with frontal conditioning, psi from the config (docs/guide.md §3.5(b) step 1).
         The mapping network is frozen and identical in both generators."""
         flat = z.reshape(-1, z.shape[-1])
         ws = self.g_s.mapping(flat, self.c_cond.expand(flat.shape[0], -1), truncation_psi=self.cfg.truncation_psi)
         return ws.reshape(*z.shape[:-1], *ws.shape[1:])
 
-    def latents(self, draws: StepDraws, plan=None):
+    def latents(self, draws: StepDraws, part=None):
         """-> (trainable latents, frozen latents) [T, L, D] in Layout order."""
-        plan = plan or self
-        lay, w_u, w_t = plan.layout, plan.w_u, plan.w_t
+        part = part or self
+        lay, w_u, w_t = part.layout, part.w_u, part.w_t
         parts_u, parts_s = [], []
         if lay.use_local:
             parts_u.append(w_u)
@@ -178,22 +229,22 @@ class _StepBase:
         t = lambda v: torch.tensor(v, dtype=torch.float32, device=self.device)  # noqa: E731
         return t(mse), t(lp), t(idw)
 
-    def summarize(self, entry_loss: torch.Tensor, plan=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def summarize(self, entry_loss: torch.Tensor, part=None) -> tuple[torch.Tensor, torch.Tensor]:
         """entry losses [T] -> (LOSS_NAMES values [4], per-identity totals [n])."""
-        plan = plan or self
-        lay = plan.layout
+        part = part or self
+        lay = part.layout
         a, b = lay.n_local, lay.n_local + lay.n_adj
         zero = entry_loss.new_zeros(())
         local = entry_loss[:a].sum() if a else zero
         adj = entry_loss[a:b].sum() if lay.n_adj else zero
         glob = entry_loss[b:].sum() if lay.n_glob else zero
         total = local + adj + glob
-        per_id = entry_loss.new_zeros(lay.n).index_add(0, plan.entry_identity, entry_loss)
+        per_id = entry_loss.new_zeros(lay.n).index_add(0, part.entry_identity, entry_loss)
         return torch.stack([total, local, adj, glob]), per_id
 
 
 class ReferenceStep(_StepBase):
-    """guide.md §3.5 as the official code runs it: batch 1, term by term, fp32, eager."""
+    """docs/guide.md §3.5 as the official code runs it: batch 1, term by term, fp32, eager."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -211,28 +262,30 @@ class ReferenceStep(_StepBase):
         for e, (kind, _i, _k) in enumerate(lay.entries()):
             wu, ws = w_u_all[e:e + 1], w_s_all[e:e + 1]
             c = cams[ids[e]:ids[e] + 1]
+            g = draws.generators[ids[e]] if draws.generators is not None else None  # the identity's noise stream
             term = 0.0
             if kind != "global":
-                # the MSE runs its own backbone passes, with their own noise (guide.md §3.5)
-                p_u = self.g_u.planes(wu, noise_mode=cfg.noise_mode)
+                # the MSE runs its own backbone passes, with their own noise (docs/guide.md §3.5)
+                p_u = self.g_u.planes(wu, noise_mode=cfg.noise_mode, generator=g)
                 with torch.no_grad():
-                    p_s = self.g_s.planes(ws, noise_mode=cfg.noise_mode)
+                    p_s = self.g_s.planes(ws, noise_mode=cfg.noise_mode, generator=g)
                 term = term + mse_w[e] * F.mse_loss(p_u, p_s)
-            img_u = self.g_u.synthesis(wu, c, noise_mode=cfg.noise_mode, render_draws=_slice_draws(draws.render_u, e, self.rays))["image"]
+            img_u = self.g_u.synthesis(wu, c, noise_mode=cfg.noise_mode, generator=g,
+                                       render_draws=_slice_draws(draws.render_u, e, self.rays))["image"]
             with torch.no_grad():
-                img_s = self.g_s.synthesis(ws, c, noise_mode=cfg.noise_mode, render_draws=_slice_draws(draws.render_s, e, self.rays))["image"]
+                img_s = self.g_s.synthesis(ws, c, noise_mode=cfg.noise_mode, generator=g,
+                                           render_draws=_slice_draws(draws.render_s, e, self.rays))["image"]
             term = term + lp_w[e] * self.lpips(img_u, img_s).mean()
             if kind != "global":
                 term = term + id_w[e] * self.id_loss(img_u, img_s, reduction="mean")
             out.append(term.reshape(()))
         return torch.stack(out)
 
-    def step(self, draws: StepDraws):
+    def forward_backward(self, draws: StepDraws):
         entry = self.losses(draws)
         values, per_id = self.summarize(entry)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.static_grads)
         values[0].backward()
-        self.optimizer.step()
         return values.detach(), per_id.detach()
 
 
@@ -257,14 +310,18 @@ class FastStep(_StepBase):
 
     identities_per_pass bounds memory for many identities: groups of identities run one
     forward/backward each, gradients accumulate, and one Adam step follows (the same update
-    as a single pass, up to summation order).
+    as a single pass, up to summation order). plan: the run's ExecutionPlan (its precision is
+    the step's autocast); default: fp32 with the generators' own operators.
     """
 
-    def __init__(self, *args, precision: str = "fp32", capturable: bool = False, identities_per_pass: int = 0, **kwargs):
+    def __init__(self, *args, plan: ExecutionPlan | None = None, capturable: bool = False,
+                 identities_per_pass: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         cfg = self.cfg
-        self.precision = precision
-        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        if plan is None:
+            plan = ExecutionPlan(self.device, path="fast", renderer=self.g_u.renderer_backend, precision="fp32",
+                                 upsample_conv=self.g_u.upsample_conv)
+        self.plan = plan
         opt_kwargs = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
         if capturable:
             opt_kwargs.update(capturable=True, foreach=True)
@@ -278,7 +335,7 @@ class FastStep(_StepBase):
             b = min(a + per, n)
             lay = Layout(b - a, cfg.use_local, cfg.k_adj, cfg.k_glob)
             w_u, w_t = self.w_u[a:b], self.w_t[a:b]
-            # guide.md §3.5(a): with constant noise the local target's tri-planes P_s(w_t) are the
+            # docs/guide.md §3.5(a): with constant noise the local target's tri-planes P_s(w_t) are the
             # same every step: computed once here instead of every step.
             planes_t = None
             if self.cache_target:
@@ -288,47 +345,55 @@ class FastStep(_StepBase):
             self.passes.append(_Pass(a, index, lay, w_u, w_t, planes_t, lay.identity_index(self.device), *self.weights(lay)))
 
     def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
         # cache_enabled=False: cached weight casts must not leak out of a captured graph
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
+        return self.plan.autocast(cache_enabled=False)
 
     def _render(self, gen, ws, cams, planes, draws):
-        if self.autocast_dtype is not None and self.g_u.renderer_backend == "triton":
-            planes = planes.to(self.autocast_dtype)  # halve the renderer's texel traffic
+        if self.plan.autocast_dtype is not None and gen.renderer_backend == "triton":
+            planes = planes.to(self.plan.autocast_dtype)  # halve the renderer's texel traffic
         return gen.synthesis(ws, cams, planes=planes, render_draws=draws, validate=False)["image"]
 
-    def _slice(self, draws: StepDraws, plan: "_Pass", whole: bool) -> StepDraws:
+    def _slice(self, draws: StepDraws, part: "_Pass", whole: bool) -> StepDraws:
         if whole:
             return draws
-        a, b = plan.start, plan.start + plan.layout.n
+        a, b = part.start, part.start + part.layout.n
 
         def pick(d):
             if d is None:
                 return None
-            imp = d["importance"].reshape(self.layout.total, self.rays, -1).index_select(0, plan.entry_index)
-            return {"stratified": d["stratified"].index_select(0, plan.entry_index), "importance": imp.flatten(0, 1)}
+            imp = d["importance"].reshape(self.layout.total, self.rays, -1).index_select(0, part.entry_index)
+            return {"stratified": d["stratified"].index_select(0, part.entry_index), "importance": imp.flatten(0, 1)}
 
+        gens = draws.generators[a:b] if draws.generators is not None else None
         return StepDraws(draws.yaw[a:b], draws.adj_z[a:b], draws.adj_alpha[a:b], draws.glob_z[a:b],
-                         pick(draws.render_u), pick(draws.render_s))
+                         pick(draws.render_u), pick(draws.render_s), gens)
 
-    def losses(self, draws: StepDraws, plan: _Pass | None = None):
+    def losses(self, draws: StepDraws, part: _Pass | None = None):
         """Entry losses [T] of one pass (default: the first, i.e. all identities when unsplit)."""
-        plan = plan or self.passes[0]
-        cfg, lay = self.cfg, plan.layout
+        part = part or self.passes[0]
+        cfg, lay = self.cfg, part.layout
         with nvtx_range("mapping"):
-            w_u_all, w_s_all = self.latents(draws, plan)
-            cams = step_cameras(cfg, draws.yaw).index_select(0, plan.entry_identity)
+            w_u_all, w_s_all = self.latents(draws, part)
+            cams = step_cameras(cfg, draws.yaw).index_select(0, part.entry_identity)
+        cached = lay.n_local if part.planes_target is not None else 0
+        noise_u = noise_s = None
+        if draws.generators is not None and cfg.noise_mode == "random":
+            from .streams import IdentityNoise
+
+            # each identity's backbone noise from its own stream (streams.py)
+            noise_u = IdentityNoise(draws.generators, lay, self.device)
+            noise_s = noise_u if not cached else IdentityNoise(
+                draws.generators, Layout(lay.n, False, lay.k_adj, lay.k_glob), self.device)
         with self._autocast():
             with nvtx_range("backbone"):
-                planes_u = self.g_u.planes(w_u_all, noise_mode=cfg.noise_mode, validate=False)
+                planes_u = self.g_u.planes(w_u_all, noise_mode=cfg.noise_mode, generator=noise_u, validate=False)
                 with torch.no_grad():
-                    cached = lay.n_local if plan.planes_target is not None else 0
                     if cached < lay.total:
-                        new = self.g_s.planes(w_s_all[cached:], noise_mode=cfg.noise_mode, validate=False).float()
-                        planes_s = torch.cat([plan.planes_target, new]) if cached else new
+                        new = self.g_s.planes(w_s_all[cached:], noise_mode=cfg.noise_mode, generator=noise_s,
+                                              validate=False).float()
+                        planes_s = torch.cat([part.planes_target, new]) if cached else new
                     else:
-                        planes_s = plan.planes_target
+                        planes_s = part.planes_target
             with nvtx_range("synthesis"):
                 img_u = self._render(self.g_u, w_u_all, cams, planes_u, draws.render_u)
                 with torch.no_grad():
@@ -336,32 +401,31 @@ class FastStep(_StepBase):
             m = lay.n_unlearn
             entry = img_u.new_zeros(lay.total, dtype=torch.float32)
             if m:
-                # tri-plane MSE per entry: F.mse_loss's mean over all elements (guide.md §3.5(a))
+                # tri-plane MSE per entry: F.mse_loss's mean over all elements (docs/guide.md §3.5(a))
                 mse = (planes_u[:m].float() - planes_s[:m]).square().flatten(1).mean(1)
-                entry = entry + F.pad(plan.mse_w * mse, (0, lay.total - m))
+                entry = entry + F.pad(part.mse_w * mse, (0, lay.total - m))
             with nvtx_range("lpips"):
-                entry = entry + plan.lp_w * self.lpips(img_u, img_s).float().reshape(-1)
+                entry = entry + part.lp_w * self.lpips(img_u, img_s).float().reshape(-1)
             if m:
                 with nvtx_range("identity"):
                     idl = self.id_loss(img_u[:m], img_s[:m], reduction="none").float()
-                entry = entry + F.pad(plan.id_w * idl, (0, lay.total - m))
+                entry = entry + F.pad(part.id_w * idl, (0, lay.total - m))
         return entry
 
-    def step(self, draws: StepDraws):
+    def forward_backward(self, draws: StepDraws):
+        """Forward and backward of every pass; the gradients of all passes accumulate."""
         with nvtx_range("step"):
             # set_to_none: inside a graph capture the backward then allocates the gradients
             # from the graph's pool and each replay overwrites them (no accumulation).
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=not self.static_grads)
             whole = len(self.passes) == 1
             values, per_ids = None, []
-            for plan in self.passes:
-                sub = self._slice(draws, plan, whole)
-                entry = self.losses(sub, plan)
-                v, per_id = self.summarize(entry, plan)
+            for part in self.passes:
+                sub = self._slice(draws, part, whole)
+                entry = self.losses(sub, part)
+                v, per_id = self.summarize(entry, part)
                 with nvtx_range("backward"):
                     v[0].backward()
                 values = v.detach() if values is None else values + v.detach()
                 per_ids.append(per_id.detach())
-            with nvtx_range("optimizer"):
-                self.optimizer.step()
         return values, torch.cat(per_ids)
