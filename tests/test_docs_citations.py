@@ -37,6 +37,7 @@ PAGE_RE = re.compile(
 )
 SECTION_RE = re.compile(rf"§[ \t]*(?P<num>{NUM})(?:[ \t]*[-–][ \t]*§?[ \t]*(?P<end>{NUM}))?")
 HEADING_RE = re.compile(rf"^#{{2,6}}[ \t]+(?:§[ \t]*(?P<num>{NUM})|Appendix[ \t]+(?P<appendix>[A-Z]))\b", re.M)
+ISSUE_RE = re.compile(r"\bissues?[ \t]+#?\d+[ \t,]*$")
 # between two citations of one list: separators only (", §2.1", " and §4.3", "(a)/§7")
 LIST_GAP_RE = re.compile(r"^(?:[\s,;/&+]|and|or|\([a-z]\)|step \d+)*$")
 # the spec folders outside the repository, which a clone does not have
@@ -95,6 +96,8 @@ def citations(path: Path, text: str):
     for s in SECTION_RE.finditer(text):
         if own_page and text[text.rfind("\n", 0, s.start()) + 1:].startswith("#"):
             continue  # a docs page's own heading
+        if ISSUE_RE.search(text, max(0, s.start() - 20), s.start()):
+            continue  # "issue 13 §6": an item of an issue's text, not a docs section
         before = [m for m in pages if m.end() <= s.start()]
         nearest = before[-1] if before else None
         adjacent = nearest is not None and re.fullmatch(r"[ \t]*\(?[ \t]*", text[nearest.end():s.start()])
@@ -167,6 +170,7 @@ def test_the_scan_sees_the_citations():
     ("docs/guide.md §3.5/§7; docs/eg3d.md §4.5–4.6",
      [("guide", "3.5"), ("guide", "7"), ("eg3d", "4.5"), ("eg3d", "4.6")]),
     ("names (docs/eg3d.md Appendix A)", [("eg3d", "Appendix A")]),
+    ("docs/guide.md §3.4 (issue 13 §6 asks for it)", [("guide", "3.4")]),     # an issue's item
 ])
 def test_citation_forms(text, expected):
     got = [(page, sec) for _, _, page, sec, problem in citations(ROOT / "x.py", text) if sec and not problem]
