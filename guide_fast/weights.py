@@ -194,18 +194,12 @@ def validate_goae(path) -> str:
 
 
 def validate_w_avg(path) -> str:
-    import torch
+    """The reader `unlearn --w-avg` uses (guide_fast.inversion.load_w_avg): a float tensor
+    [14, 512] ([1, 14, 512] and [512] are accepted too), finite."""
+    from .inversion.average import load_w_avg
 
-    from .checkpoints import read_torch_file
-
-    obj = read_torch_file(path, "w_avg file")
-    if not torch.is_tensor(obj):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a tensor [14, 512]")
-    if tuple(obj.shape) not in ((14, 512), (1, 14, 512), (512,)):
-        raise CheckpointError(f"{path}: tensor of shape {list(obj.shape)}, expected [14, 512] (docs/guide.md §2)")
-    if not bool(torch.isfinite(obj).all()):
-        raise CheckpointError(f"{path}: non-finite values")
-    return f"tensor {list(obj.shape)}"
+    found = load_w_avg(path)
+    return f"tensor [14, 512], finite ({found.source})"
 
 
 def validate_real_features(path) -> str:
@@ -314,10 +308,12 @@ MANIFEST: "OrderedDict[str, WeightFile]" = OrderedDict((w.name, w) for w in [
     WeightFile(
         name="w_avg",
         filenames=("w_avg_ffhqrebalanced512-128.pt",),
-        description="average W latent of the EG3D mapping network (the generator's own w_avg is used when absent)",
-        format="torch tensor [14, 512]",
+        description="average W+ latent of the EG3D mapping network (the generator's own mapping buffer is used "
+                    "when absent; report.json says which)",
+        format="torch tensor [14, 512] (also [1, 14, 512] or [512]), floating point, finite (docs/formats.md)",
         source="GUIDE's Google Drive folder",
-        used_by="UFO target latent (optional)",
+        used_by="unlearn --w-avg: the UFO target's centre, the GOAE offset (w_u = GOAE(x) + w_avg) and the "
+                "optimisation inversion's start; guide_fast.inversion.w_avg_distance compares it with the buffer",
         validator=validate_w_avg,
         optional=True,
     ),

@@ -49,9 +49,18 @@ class AverageLatent:
         return d
 
 
+#: GUIDE's file is for EG3D FFHQ 512: 14 W+ rows of 512.
+OFFICIAL_SHAPE = (14, 512)
+
+
+def _layout(generator) -> tuple[int, int]:
+    return OFFICIAL_SHAPE if generator is None else (int(generator.num_ws), int(generator.config.w_dim))
+
+
 def _as_latent(t: torch.Tensor, generator, label: str) -> torch.Tensor:
-    """[w_dim], [num_ws, w_dim] or [1, num_ws, w_dim] -> [num_ws, w_dim] float32, checked."""
-    num_ws, w_dim = int(generator.num_ws), int(generator.config.w_dim)
+    """[w_dim], [num_ws, w_dim] or [1, num_ws, w_dim] -> [num_ws, w_dim] float32, checked
+    (generator None: GUIDE's layout, 14 x 512)."""
+    num_ws, w_dim = _layout(generator)
     if not (t.is_floating_point()):
         raise InputError(f"{label} holds a {str(t.dtype).replace('torch.', '')} tensor; expected floating point "
                          f"(w_avg is a float tensor [{num_ws}, {w_dim}])")
@@ -101,9 +110,10 @@ def _read_tensor(path: Path, label: str) -> torch.Tensor:
     return obj
 
 
-def load_w_avg(path, generator, what: str = "w_avg file") -> AverageLatent:
-    """Read a w_avg file for `generator`: GUIDE's [14, 512] tensor, also [1, 14, 512] or [512]
-    (then repeated per layer); floating point and finite. Errors name the file and the problem."""
+def load_w_avg(path, generator=None, what: str = "w_avg file") -> AverageLatent:
+    """Read a w_avg file for `generator` (None: GUIDE's 14 x 512 layout): GUIDE's [14, 512]
+    tensor, also [1, 14, 512] or [512] (then repeated per layer); floating point and finite.
+    Errors name the file and the problem (InputError / CheckpointError, exit code 2 in the CLI)."""
     from ..checkpoints import sha256_file
 
     path = Path(path)
