@@ -134,7 +134,8 @@ def cpu_rows(n: int, steps: int) -> list:
     one, _ = time_session(_nets("tiny", "cpu"), n, steps, torch.device("cpu"), process_group=False)
     shape = f"tiny N={n}"
     rows.append(make_row(BENCH, "step, 1 process", path="fast", shape=shape, dtype="fp32", timing=one,
-                         extra=f"per identity {one['median_ms'] / n:.1f} ms; 1 thread", device="cpu"))
+                         extra=f"per identity {one['median_ms'] / n:.1f} ms; 1 thread; load average "
+                               f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", device="cpu"))
     with tempfile.TemporaryDirectory() as out:
         ctx = mp.start_processes(_cpu_rank, args=(2, _free_port(), n, steps, out), nprocs=2, join=False,
                                  start_method="spawn")
