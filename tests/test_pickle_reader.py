@@ -337,3 +337,40 @@ def test_persistent_ids_outside_archives_and_unknown_storages_are_refused():
         _load_records(b"\x80\x02N\x51.")
     rec, _ = parse_pickle(b"\x80\x02N\x51.")
     assert isinstance(rec, PersistentId)
+
+
+def test_overflowing_shapes_and_numbers_are_checkpoint_errors(tmp_path):
+    """Found while hardening: sizes whose strides overflow int64 (with a zero dimension the
+    storage check passes), JSON integers beyond Python's 4300-digit limit, numbers too big for a
+    float, non-0/1 bool bytes."""
+    from guide_fast.checkpoints import load_generator, read_safetensors, save_generator
+    from guide_fast.eg3d.generator import PRESETS, TriPlaneGenerator
+
+    with pytest.raises(CheckpointError, match="far larger"):
+        _load_records(_storage_pickle(4, (0, 1 << 47, 1 << 47), (1, 1, 1)))
+    raw = json.dumps({"a": {"dtype": "U8", "shape": [0] + [1 << 47] * 15, "data_offsets": [0, 0]}}).encode()
+    (tmp_path / "z.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    with pytest.raises(CheckpointError, match="far larger"):
+        read_safetensors(tmp_path / "z.safetensors")
+    path = save_generator(TriPlaneGenerator(PRESETS["tiny"]()), tmp_path / "g.safetensors")
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    state = load_file(str(path))
+    for i, cfg_text in enumerate(['{"z_dim": ' + "9" * 5000 + "}", '{"rendering_kwargs": {"c_scale": 1' + "0" * 400 + "}}",
+                                  "[" * 100000]):
+        m = dict(meta, config=cfg_text)
+        save_file(state, str(tmp_path / f"c{i}.safetensors"), metadata=m)
+        with pytest.raises(CheckpointError, match="config"):
+            load_generator(tmp_path / f"c{i}.safetensors")
+
+    class B:
+        def __reduce__(self):
+            st = torch.tensor([0, 1, 2, 255], dtype=torch.uint8).untyped_storage()
+            typed = torch.storage.TypedStorage(wrap_storage=st, dtype=torch.bool, _internal=True)
+            return (torch._utils._rebuild_tensor_v2, (typed, 0, (4,), (1,), False, OrderedDict()))
+
+    got = _load_records(pickle.dumps({"t": B()}, protocol=4))["t"]
+    assert got.tolist() == [False, True, True, True] and got.view(torch.uint8).tolist() == [0, 1, 1, 1]

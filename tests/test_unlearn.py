@@ -231,8 +231,10 @@ def test_interrupted_run_leaves_no_partial_output(gen, nets, tmp_path):
 
     orig = ck.save_delta
     ck.save_delta = broken
-    try:
-        with pytest.raises(OSError):
+    from guide_fast.errors import GuideFastError
+
+    try:  # a failed write is one GuideFastError naming the folder (disk full, ...), not a raw OSError
+        with pytest.raises(GuideFastError, match="disk full"):
             result.save(tmp_path / "run")
     finally:
         ck.save_delta = orig

@@ -110,7 +110,7 @@ def load_delta(path):
     if meta.get("history"):
         try:
             check_history(json.loads(meta["history"]), str(path))
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):
             raise CheckpointError(f"{path}: metadata 'history' is not JSON") from None
     _check_delta_tensors(delta, str(path))
     return delta, meta
@@ -204,7 +204,7 @@ def apply_delta(gen, delta, meta: dict | None = None, sign: int = 1, check_sourc
 def _history_from(meta: dict) -> list:
     try:
         history = json.loads(meta.get("history") or "[]")
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):
         return []
     return history if isinstance(history, list) else []
 

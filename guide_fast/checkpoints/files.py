@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from collections import OrderedDict
 from pathlib import Path
@@ -146,7 +147,7 @@ def read_npy_file(path, what: str = "file", mmap: bool = False) -> np.ndarray:
                               "expected a numeric array")
     if dtype.kind not in "biuf" or dtype.fields is not None or dtype.subdtype is not None:
         raise CheckpointError(f"{what} {path}: an array of dtype {dtype}; expected a numeric array")
-    nbytes = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize if shape else dtype.itemsize
+    nbytes = math.prod(int(s) for s in shape) * dtype.itemsize
     have = path.stat().st_size - header_end
     if nbytes > have:
         raise CheckpointError(f"{what} {path}: declares shape {list(shape)} ({nbytes:,} bytes) but holds {have:,} "
@@ -174,7 +175,7 @@ def read_safetensors(path, what: str = "file"):
         bad(f"header length {hlen:,} exceeds the file ({len(data):,} bytes; truncated?)")
     try:
         header = json.loads(data[8:8 + hlen].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSON, and ints of 4300+ digits
         bad(f"header is not JSON ({_first_line(exc)})")
     if not isinstance(header, dict):
         bad("header is not a JSON object")
@@ -197,8 +198,9 @@ def read_safetensors(path, what: str = "file"):
                 or not 0 <= offs[0] <= offs[1] <= len(body)):
             bad(f"tensor {name!r}: data offsets {str(offs)[:60]} are outside the data ({len(body):,} bytes)")
         dtype = SAFETENSORS_DTYPES[dt]
-        nbytes = int(np.prod(shape, dtype=np.float64)) * torch.empty((), dtype=dtype).element_size() if shape else \
-            torch.empty((), dtype=dtype).element_size()
+        if math.prod(s for s in shape if s) > 1 << 48:
+            bad(f"tensor {name!r}: shape {shape} is far larger than any file")
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if offs[1] - offs[0] != nbytes:
             bad(f"tensor {name!r}: shape {shape} needs {nbytes:,} bytes, its data has {offs[1] - offs[0]:,}")
         entries.append((offs[0], offs[1], name, dtype, shape))

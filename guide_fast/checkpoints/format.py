@@ -126,8 +126,8 @@ def build_and_fill(config, state, source: str, renderer: str = "reference"):
 
     try:
         expected = expected_state(config)
-    except (InputError, ValueError) as exc:
-        raise CheckpointError(f"{source}: generator config cannot be built: {exc}") from None
+    except (InputError, ValueError, RuntimeError, TypeError, ZeroDivisionError, AssertionError) as exc:
+        raise CheckpointError(f"{source}: generator config cannot be built: {str(exc)[:200]}") from None
     problems = describe_mismatch(state, expected)
     if problems:
         raise CheckpointError(f"{source}: tensors do not match the EG3D generator of this config: {problems}")
@@ -195,8 +195,8 @@ def read_generator_metadata(path) -> dict:
         cfg = json.loads(meta["config"])
     except KeyError:
         raise CheckpointError(f"{path}: metadata 'config' is missing") from None
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise CheckpointError(f"{path}: metadata 'config' is not JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, or an int of 4300+ digits
+        raise CheckpointError(f"{path}: metadata 'config' is not JSON ({str(exc)[:200]})") from None
     try:
         config = GeneratorConfig.from_dict(cfg)
     except InputError as exc:
@@ -209,8 +209,8 @@ def read_generator_metadata(path) -> dict:
     if meta.get("history"):
         try:
             history = json.loads(meta["history"])
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise CheckpointError(f"{path}: metadata 'history' is not JSON ({exc})") from None
+        except (ValueError, RecursionError) as exc:
+            raise CheckpointError(f"{path}: metadata 'history' is not JSON ({str(exc)[:200]})") from None
         history = check_history(history, str(path))
     sha = meta.get("source_sha256") or None
     if sha is not None and not _is_fingerprint(sha):

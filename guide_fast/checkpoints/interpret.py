@@ -271,8 +271,11 @@ class Interpreter:
                 or len(size) > MAX_NDIM):
             self.fail(where, "tensor size/stride are not tuples of one length (<= 16)")
         for v in (offset, *size, *stride):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v > 1 << 62:
-                self.fail(where, f"tensor size/stride/offset value {v!r} is not a non-negative integer")
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v > 1 << 48:
+                self.fail(where, f"tensor size/stride/offset value {v!r} is not a non-negative integer below 2**48")
+        if math.prod(s for s in size if s) > 1 << 48:
+            self.fail(where, f"tensor of size {list(size)} is far larger than any file")
+        stride = tuple(st if s > 1 else 1 for s, st in zip(size, stride))  # unused strides: no overflow
         if hooks not in ({}, None):
             self.fail(where, "tensor with backward hooks")
         if len(args) == 7 and self.value(args[6], where, depth) not in ({}, None):
@@ -288,7 +291,9 @@ class Interpreter:
             return torch.empty(size, dtype=storage.dtype)
         self.charge(max(numel, extent - offset) * isz, where)
         lo, hi = offset * isz, extent * isz
-        base = torch.frombuffer(bytearray(storage.data[lo:hi]), dtype=torch.uint8).view(storage.dtype)
+        raw = torch.frombuffer(bytearray(storage.data[lo:hi]), dtype=torch.uint8)
+        # a bool byte other than 0/1 is undefined behaviour in torch: normalise it
+        base = raw != 0 if storage.dtype == torch.bool else raw.view(storage.dtype)
         out = base.as_strided(size, stride, 0)
         return out if out.is_contiguous() and out.numel() == base.numel() else out.clone()
 

@@ -49,7 +49,8 @@ def _pid_fields(pid, where: str, interp: Interpreter, legacy: bool):
     """('storage', StorageType, key, location, numel[, view_metadata]) -> (dtype, key, numel)."""
     want = 6 if legacy else 5
     if not isinstance(pid, tuple) or len(pid) != want or pid[0] != "storage":
-        interp.fail(where, f"malformed storage record {str(pid)[:80]}")
+        interp.fail(where, f"malformed storage record (a {type(pid).__name__}, expected a {want}-tuple "
+                           "('storage', type, key, location, size...))")
     dtype = storage_dtype(pid[1], where, interp.fail)
     key, location, numel = pid[2], pid[3], pid[4]
     if not isinstance(key, str) or not isinstance(location, str) or not isinstance(numel, int) or numel < 0:
@@ -98,30 +99,25 @@ def _read_zip(data: memoryview, source: str, interp_factory):
     root, end = parse_pickle(members[pkl[0]], source=f"{source} ({pkl[0]})")
     interp: Interpreter = interp_factory()
 
+    cache = {}
+
     def load(pid, where):
         dtype, key, numel = _pid_fields(pid, where, interp, legacy=False)
+        if key in cache:
+            if (cache[key].dtype, cache[key].numel) != (dtype, numel):
+                interp.fail(where, f"storage {key!r} declared twice with different types or sizes")
+            return cache[key]
         raw = members.get(f"{prefix}data/{key}")
         if raw is None:
             interp.fail(where, f"storage {key!r} is not in the archive")
         nbytes = numel * itemsize(dtype)
         if len(raw) < nbytes:
             interp.fail(where, f"storage {key!r} declares {nbytes:,} bytes but the archive holds {len(raw):,}")
-        return Storage(dtype, raw[:nbytes], numel)
-
-    interp.storage_loader = _cached(load)
-    return root, interp
-
-
-def _cached(load):
-    cache = {}
-
-    def get(pid, where):
-        key = repr(pid)[:200]
-        if key not in cache:
-            cache[key] = load(pid, where)
+        cache[key] = Storage(dtype, raw[:nbytes], numel)
         return cache[key]
 
-    return get
+    interp.storage_loader = load
+    return root, interp
 
 
 # ------------------------------------------------------------------------ legacy stream
@@ -167,7 +163,10 @@ def _read_legacy(data: memoryview, source: str, interp_factory):
         interp.fail("storage data", f"storage(s) {missing[:3]} have no data")
 
     def load(pid, where):
-        return storages[_pid_fields(pid, where, interp, legacy=True)[1]]
+        dtype, key, numel = _pid_fields(pid, where, interp, legacy=True)
+        if key not in storages or (storages[key].dtype, storages[key].numel) != (dtype, numel):
+            interp.fail(where, f"storage {key!r} has no data of that type and size")
+        return storages[key]
 
     interp.storage_loader = load
     return root, interp

@@ -48,7 +48,9 @@ def _is_int(v) -> bool:
 
 
 def _is_num(v) -> bool:
-    return isinstance(v, _NUM) and not isinstance(v, bool) and math.isfinite(v)
+    if isinstance(v, bool) or not isinstance(v, _NUM):
+        return False
+    return abs(v) < 1e300 if isinstance(v, int) else math.isfinite(v)  # huge ints would overflow a float
 
 
 def _pow2(v: int) -> bool:
