@@ -1,0 +1,319 @@
+"""The pictures of an unlearning run: grid.png, losses.png and identity.png.
+
+    pictures = prepare_pictures(result, scorer)        # held-out renders + identity scores
+    write_pictures(folder, result, pictures)           # the three PNGs (atomic writes)
+
+* grid.png: the evaluation views (columns, yaw in degrees) of each unlearned identity before
+  (G_s(w_u)), after (G_u(w_u)) and of its UFO target (G_s(w_t)), then of held-out identities
+  (latents that were not unlearned) before (G_s) and after (G_u): the first should change, the
+  second should not.
+* losses.png: total, local, adjacency and global losses over the steps (raw and smoothed).
+* identity.png: identity similarity to the source, before and after, for the unlearned and the
+  held-out identities, with the scoring network named.
+
+"Similarity to the source" of an identity: the cosine between a render's identity embedding and
+the identity's source embedding (the mean embedding of G_s's renders over the evaluation views),
+averaged over the views: "before" scores G_s's renders (below 1 only by the views' spread),
+"after" G_u's. The held-out latents come from fixed seeds (HELD_OUT_SEEDS) mapped like
+`--seed` identities; the engine's before/after renders are reused for the unlearned ones, so
+the extra cost is 2 x len(HELD_OUT_SEEDS) x views renders and their embeddings.
+
+matplotlib draws with the Agg backend into memory; the files are written through
+guide_fast.io.save_image (temporary name, then rename).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..io import save_image, to_uint8
+
+HELD_OUT_SEEDS = (1000, 1001)
+PICTURES = ("grid.png", "losses.png", "identity.png")
+LOSS_KEYS = ("total", "local", "adjacency", "global")
+_TILE_MIN, _TILE_MAX = 128, 256   # grid tile size in pixels (renders are resized into it)
+
+
+@dataclass
+class RunPictures:
+    """What the pictures need beyond the result: held-out renders and identity scores."""
+
+    held_out_seeds: list = field(default_factory=list)
+    held_out: dict | None = None          # {"before", "after"}: [H, V, 3, h, w]
+    identity: dict | None = None          # see identity_to_source
+    random_weights: bool = False
+
+    def summary(self) -> dict:
+        """The report's "pictures" entry."""
+        out = {"files": list(PICTURES), "held_out_seeds": list(self.held_out_seeds)}
+        if self.identity is not None:
+            out["identity_to_source"] = self.identity
+        return out
+
+
+# ----------------------------------------------------------------------------- data
+def held_out_latents(result, seeds=HELD_OUT_SEEDS):
+    """(seeds, W+ latents) of identities that were not unlearned: fixed seeds mapped as the
+    run maps `--seed` identities; a seed whose latent equals an unlearned one is skipped."""
+    from .engine import latents_from_seeds
+
+    cfg = result.config
+    if not seeds:
+        return [], None
+    w = latents_from_seeds(result.source, list(seeds), cfg.truncation_psi, cfg.fov_degrees, cfg.lookat, cfg.radius)
+    w_u = result.w_source.to(w.device, w.dtype).flatten(1)
+    keep = [i for i in range(w.shape[0]) if not torch.isclose(w[i].flatten()[None], w_u, atol=1e-6).all(1).any()]
+    if not keep:
+        return [], None
+    return [list(seeds)[i] for i in keep], w[keep]
+
+
+def _embed_views(scorer, renders: torch.Tensor) -> torch.Tensor:
+    """renders [K, V, 3, h, w] -> embeddings [K, V, D] (float64, NaN rows where no face)."""
+    from ..evaluation.views import embed
+
+    k, v = renders.shape[:2]
+    return embed(scorer, renders.reshape(k * v, *renders.shape[2:])).reshape(k, v, -1)
+
+
+def _to_source(before: torch.Tensor, after: torch.Tensor) -> list:
+    """Per identity {"before", "after"}: mean cosine of each view's embedding to the identity's
+    source embedding (the mean of the before embeddings over the views)."""
+    out = []
+    for b, a in zip(before, after):
+        ok = torch.isfinite(b).all(-1)
+        if not ok.any():
+            out.append({"before": None, "after": None})
+            continue
+        ref = b[ok].mean(0)
+        ref = ref / ref.norm()
+
+        def score(e):
+            good = torch.isfinite(e).all(-1)
+            if not good.any():
+                return None
+            e = e[good]
+            return float((e @ ref / e.norm(dim=-1)).mean())
+
+        out.append({"before": score(b), "after": score(a)})
+    return out
+
+
+def identity_to_source(scorer, renders: dict, held_out: dict | None, held_out_seeds) -> dict:
+    """Identity similarity to the source before and after (see the module docstring)."""
+    forgotten = _to_source(_embed_views(scorer, renders["before"]), _embed_views(scorer, renders["after"]))
+    held = []
+    if held_out is not None:
+        held = _to_source(_embed_views(scorer, held_out["before"]), _embed_views(scorer, held_out["after"]))
+    return {
+        "scorer": getattr(scorer, "description", type(scorer).__name__),
+        "what": "mean over the evaluation views of cos(embedding, source embedding); the source embedding is "
+                "the mean embedding of G_s's renders of that identity over the views",
+        "forgotten": [dict(identity=i, **s) for i, s in enumerate(forgotten)],
+        "held_out": [dict(seed=int(seed), **s) for seed, s in zip(held_out_seeds, held)],
+    }
+
+
+def prepare_pictures(result, scorer=None, held_out_seeds=HELD_OUT_SEEDS, random_weights: bool = False) -> RunPictures:
+    """Render the held-out identities with G_s and G_u (the engine's evaluation views and
+    draws) and score identities when a scorer is given."""
+    from .engine import render_views
+
+    pics = RunPictures(random_weights=bool(random_weights))
+    if result.renders is None:
+        return pics
+    seeds, w = held_out_latents(result, held_out_seeds)
+    pics.held_out_seeds = seeds
+    if w is not None:
+        pics.held_out = {"before": render_views(result.source, w, result.config),
+                         "after": render_views(result.generator, w.to(next(result.generator.parameters()).device),
+                                               result.config)}
+    if scorer is not None:
+        pics.identity = identity_to_source(scorer, result.renders, pics.held_out, seeds)
+    return pics
+
+
+# ----------------------------------------------------------------------------- drawing
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _figure_pixels(fig) -> np.ndarray:
+    fig.canvas.draw()
+    rgba = np.asarray(fig.canvas.buffer_rgba())
+    return np.ascontiguousarray(rgba[..., :3])
+
+
+def _tiles(imgs: torch.Tensor, size: int) -> np.ndarray:
+    """[V, 3, h, w] in [-1, 1] -> one uint8 row [size, V * size, 3]."""
+    imgs = imgs.float()
+    if imgs.shape[-1] != size:
+        mode = "area" if imgs.shape[-1] > size else "nearest"
+        imgs = torch.nn.functional.interpolate(imgs, size=(size, size), mode=mode)
+    return np.concatenate(list(to_uint8(imgs)), axis=1)
+
+
+def grid_rows(result, pictures: RunPictures) -> list:
+    """[(label, renders [V, 3, h, w])] in the grid's order."""
+    rows = []
+    r = result.renders
+    for i in range(r["before"].shape[0]):
+        rows += [(f"id {i} before", r["before"][i]), (f"id {i} after", r["after"][i]),
+                 (f"id {i} target", r["target"][i])]
+    if pictures.held_out is not None:
+        for j, seed in enumerate(pictures.held_out_seeds):
+            rows += [(f"held-out {seed} before", pictures.held_out["before"][j]),
+                     (f"held-out {seed} after", pictures.held_out["after"][j])]
+    return rows
+
+
+def grid_figure(result, pictures: RunPictures) -> np.ndarray:
+    from .engine import view_yaws
+
+    plt = _pyplot()
+    rows = grid_rows(result, pictures)
+    res = rows[0][1].shape[-1]
+    size = min(max(res, _TILE_MIN), _TILE_MAX)
+    mosaic = np.concatenate([_tiles(imgs, size) for _, imgs in rows], axis=0)
+    yaws = view_yaws(result.config)
+    dpi = 100
+    left, top, bottom, right = 1.9, 0.75, 0.45, 0.15   # inches of margin
+    w_in, h_in = mosaic.shape[1] / dpi, mosaic.shape[0] / dpi
+    fig = plt.figure(figsize=(w_in + left + right, h_in + top + bottom), dpi=dpi)
+    ax = fig.add_axes([left / (w_in + left + right), bottom / (h_in + top + bottom),
+                       w_in / (w_in + left + right), h_in / (h_in + top + bottom)])
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_yticks([size * (k + 0.5) for k in range(len(rows))], [label for label, _ in rows], fontsize=9)
+    ax.set_xticks([size * (k + 0.5) for k in range(len(yaws))], [f"{math.degrees(y):+.0f}°" for y in yaws],
+                  fontsize=9)
+    ax.tick_params(length=0)
+    n_forgotten = result.renders["before"].shape[0]
+    for k in range(1, n_forgotten + 1):  # lines between identity groups
+        ax.axhline(3 * k * size - 0.5, color="white", linewidth=2)
+    title = "before = G_s, after = G_u (unlearned), target = UFO target G_s(w_t); held-out: identities not unlearned"
+    if pictures.random_weights:
+        title = "RANDOM WEIGHTS (pipeline demo)  ·  " + title
+    fig.suptitle(title, fontsize=9, y=1 - 0.18 / (h_in + top + bottom))
+    fig.text(0.5, 1 - 0.5 / (h_in + top + bottom), f"evaluation views: yaw offsets, pitch {result.config.pitch:+.2f} rad",
+             ha="center", fontsize=8, color="0.3")
+    pixels = _figure_pixels(fig)
+    plt.close(fig)
+    return pixels
+
+
+def smooth(values, window: int | None = None) -> np.ndarray:
+    """Exponential moving average with a span of `window` steps (default: a tenth of the run),
+    started from the first value (no lag at the start)."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return x
+    window = window or max(2, x.size // 10)
+    alpha = 2.0 / (window + 1)
+    out = np.empty_like(x)
+    acc = x[0]
+    for i, v in enumerate(x):
+        acc = alpha * v + (1 - alpha) * acc if np.isfinite(v) else acc
+        out[i] = acc
+    return out
+
+
+def losses_figure(result, random_weights: bool = False) -> np.ndarray:
+    plt = _pyplot()
+    cfg = result.config
+    rows = result.losses or []
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6), dpi=100, sharex=True)
+    used = {"total": True, "local": cfg.use_local, "adjacency": cfg.use_adjacency, "global": cfg.use_global}
+    for ax, key in zip(axes.flat, LOSS_KEYS):
+        steps = [r.get("step", i) for i, r in enumerate(rows)]
+        vals = [r.get(key, float("nan")) for r in rows]
+        if rows:
+            ax.plot(steps, vals, color="tab:blue", alpha=0.3, linewidth=1, label="per step")
+            ax.plot(steps, smooth(vals), color="tab:blue", linewidth=2, label="smoothed")
+        else:
+            ax.text(0.5, 0.5, "no steps logged", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(key + ("" if used[key] else " (off in this run)"), fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("step")
+    axes[0, 0].legend(fontsize=8)
+    title = (f"GUIDE losses: {len(rows)} logged steps, lr {cfg.lr:g}, target {cfg.target}; "
+             "adjacency and global draw new samples every step")
+    if random_weights:
+        title = "RANDOM WEIGHTS  ·  " + title
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    pixels = _figure_pixels(fig)
+    plt.close(fig)
+    return pixels
+
+
+def identity_figure(pictures: RunPictures) -> np.ndarray:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    ident = pictures.identity
+    if ident is None:
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no identity scorer was given:\nidentity similarity was not measured\n"
+                          "(unlearn --scorer-weights: CurricularFace IR-101 or ArcFace IR-SE50)",
+                ha="center", va="center", fontsize=11)
+    else:
+        groups = [(f"forgotten\nid {s['identity']}", s) for s in ident["forgotten"]]
+        groups += [(f"held-out\nseed {s['seed']}", s) for s in ident["held_out"]]
+        x = np.arange(len(groups))
+        val = lambda s, k: np.nan if s[k] is None else s[k]  # noqa: E731
+        before = [val(s, "before") for _, s in groups]
+        after = [val(s, "after") for _, s in groups]
+        ax.bar(x - 0.19, before, 0.38, label="before (G_s)", color="tab:gray")
+        ax.bar(x + 0.19, after, 0.38, label="after (G_u)",
+               color=["tab:red" if g.startswith("forgotten") else "tab:green" for g, _ in groups])
+        for xi, b, a in zip(x, before, after):
+            for dx, v in ((-0.19, b), (0.19, a)):
+                if np.isfinite(v):
+                    ax.text(xi + dx, v + 0.01 if v >= 0 else v - 0.01, f"{v:.2f}", ha="center",
+                            va="bottom" if v >= 0 else "top", fontsize=8)
+        ax.set_xticks(x, [g for g, _ in groups], fontsize=9)
+        finite = [v for v in before + after if np.isfinite(v)]
+        low = min([0.0] + finite)
+        ax.set_ylim(low - 0.05 if low < 0 else 0, 1.1)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_ylabel("identity similarity to the source")
+        ax.legend(fontsize=8, loc="lower right")
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_title(f"scorer: {ident['scorer']}", fontsize=9)
+    title = "Identity similarity to the source: forgotten identities should drop, held-out ones stay"
+    if pictures.random_weights:
+        title = "RANDOM WEIGHTS  ·  " + title
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    pixels = _figure_pixels(fig)
+    plt.close(fig)
+    return pixels
+
+
+def write_pictures(folder, result, pictures: RunPictures) -> list:
+    """Write grid.png (when the run rendered its views), losses.png and identity.png into
+    `folder`; returns the names written."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    written = []
+    if result.renders is not None:
+        save_image(folder / "grid.png", grid_figure(result, pictures))
+        written.append("grid.png")
+    save_image(folder / "losses.png", losses_figure(result, pictures.random_weights))
+    written.append("losses.png")
+    save_image(folder / "identity.png", identity_figure(pictures))
+    written.append("identity.png")
+    return written
+
+
+__all__ = ["HELD_OUT_SEEDS", "PICTURES", "RunPictures", "prepare_pictures", "write_pictures", "identity_to_source",
+           "held_out_latents", "smooth", "grid_figure", "losses_figure", "identity_figure"]
