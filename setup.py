@@ -29,6 +29,8 @@ setup(
         # GUIDE's ID-metric alignment warps with cv2.warpAffine (OpenCV's fixed-point bilinear);
         # the 4.x series of GUIDE's environment (opencv-python 4.10; tested with 4.10.0.84)
         "opencv-python-headless>=4.5,<5",
+        # every unlearning run draws grid.png, losses.png and identity.png (unlearn/plots.py, Agg backend)
+        "matplotlib",
     ],
     extras_require={
         # torchvision: VGG16 / Inception architectures, and facenet-pytorch imports it.
