@@ -104,6 +104,8 @@ class Interpreter:
 
     # ------------------------------------------------------------------ helpers
     def fail(self, where: str, msg: str):
+        if len(where) > 160:  # a deep path: its start and its end say where
+            where = where[:80] + " ... " + where[-60:]
         raise CheckpointError(f"{self.source}: {where}: {msg}")
 
     def value(self, rec, where: str = "the file", depth: int = 0):
