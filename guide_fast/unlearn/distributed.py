@@ -223,7 +223,7 @@ def init_from_env(device: torch.device | None = None, timeout_s: float = DEFAULT
     except ValueError:
         raise InputError("RANK, WORLD_SIZE, LOCAL_RANK and MASTER_PORT must be integers "
                          f"(got {[os.environ.get(v) for v in TORCHRUN_VARIABLES]})") from None
-    if timeout_s <= 0:
+    if not (0 < timeout_s < float("inf")):
         raise InputError(f"the distributed timeout must be > 0 seconds, got {timeout_s}")
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -276,6 +276,7 @@ class GradientReducer:
         self.local_index = torch.tensor(list(identities), dtype=torch.long, device=device)
         self.bucket_elems = int(bucket_mb * 2 ** 20 / 4) if bucket_mb > 0 else 0
         self.bytes_per_step = size * 4
+        self._checked = False
 
     def check_attached(self) -> None:
         """The gradients must still be the flat buffer's views (nothing set them to None)."""
@@ -302,6 +303,9 @@ class GradientReducer:
 
     def hook(self, values: torch.Tensor, per_id: torch.Tensor):
         """steps' gradient_hook (the eager step): pack, sum over the ranks, hand back the totals."""
+        if not self._checked:  # the first backward must have accumulated into the flat buffer
+            self.check_attached()
+            self._checked = True
         self.pack(values, per_id)
         self.all_reduce()
         return self.losses.clone(), self.identity_losses.clone()
