@@ -9,7 +9,7 @@
 #     -d .whl facenet-pytorch==2.6.0 lpips==0.1.4 nvtx
 # and installed with --no-deps into /tmp/site. The project is installed editable, offline, without deps.
 # GPU_SUITE_PARTS picks and orders the parts (default: all of them, in the order below):
-#   engine-tests unlearn render-tests render identity-tests identity eval ncu
+#   engine-tests unlearn render-tests render identity-tests identity eval distributed ncu
 # e.g. GPU_SUITE_PARTS="engine-tests unlearn render" for the engine's checks first. Unlearn's
 # budget: UNLEARN_BUDGET_S (default 115 s; the 1000-step run needs about step_ms s + 30 s of it);
 # UNLEARN_ARGS adds flags (e.g. "--ablations operators").
@@ -44,7 +44,7 @@ import torch, triton, guide_fast, guide_fast.kernels
 print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name())
 PY
 
-PARTS=${GPU_SUITE_PARTS:-engine-tests unlearn render-tests render identity-tests identity eval ncu}
+PARTS=${GPU_SUITE_PARTS:-engine-tests unlearn render-tests render identity-tests identity eval distributed ncu}
 
 run_tests() {  # name, timeout, test files...
   local name=$1 limit=$2; shift 2
@@ -66,12 +66,15 @@ for part in $PARTS; do
     identity-tests) run_tests identity 90 tests/test_identity_scorer.py tests/test_perceptual.py ;;
     identity) run_bench bench_identity 40 --quick ;;
     eval) run_bench bench_eval 40 --quick ;;
+    # one card: K = 1 per-identity step time, one-process vs the sharded engine in an NCCL world
+    # of one, and the all-reduce of the FFHQ gradients with world size 1 (not a scaling figure)
+    distributed) run_bench bench_distributed 150 --quick ;;
     ncu)
       if command -v ncu >/dev/null 2>&1; then
         step "Nsight Compute: one fused render kernel"
         timeout 40 bash profiling/ncu_render.sh "$LOGS/ncu" 2>&1 | tail -40 | tee "$LOGS/ncu.log" || echo "(ncu step failed or timed out)"
       fi ;;
-    *) echo "unknown GPU_SUITE_PARTS entry: $part (known: engine-tests unlearn render-tests render identity-tests identity eval ncu)"; status=1 ;;
+    *) echo "unknown GPU_SUITE_PARTS entry: $part (known: engine-tests unlearn render-tests render identity-tests identity eval distributed ncu)"; status=1 ;;
   esac
 done
 

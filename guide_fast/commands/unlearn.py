@@ -1,6 +1,7 @@
 """`guide-fast unlearn` and `guide-fast demo`."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from ._common import check_positive, check_precision, check_renderer, resolve_device, seed_type
@@ -83,7 +84,14 @@ def add_commands(sub) -> None:
     p.add_argument("--pre-aligned", action="store_true",
                    help="the --image files are already in EG3D framing (square crops): skip face alignment")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_unlearn)
+    p.add_argument("--distributed", action="store_true",
+                   help="shard the identities over the processes torchrun started (RANK, WORLD_SIZE, LOCAL_RANK, "
+                        "MASTER_ADDR, MASTER_PORT; NCCL on cuda:LOCAL_RANK, gloo on the CPU); implied under torchrun: "
+                        "torchrun --nproc_per_node K -m guide_fast unlearn ... --seed 1 2 ... N")
+    p.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="distributed runs: seconds a rank waits for the others at any collective before the job "
+                        "fails (default 600)")
+    p.set_defaults(func=_unlearn_entry)
 
     p = sub.add_parser("demo", help="the whole pipeline on the built-in tiny generator with RANDOM weights (CPU, < 2 min)")
     p.add_argument("--out", default=None,
@@ -252,19 +260,22 @@ def _unlearn(args) -> int:
     from .generator import resolve_generator
 
     device = resolve_device(args.device)
+    # sharded over torchrun's processes (_unlearn_entry): rank 0 alone reads photos and writes --out
+    is_main = getattr(args, "dist_context", None) is None or args.dist_context.is_main
     check_unlearn_flags(args, device)
     check_inversion_flags(args)
     # the output folder is checked before any work (it is written only at the very end)
-    check_output_path(args.out, "folder", "--out", overwrite=args.overwrite)
+    if is_main:
+        check_output_path(args.out, "folder", "--out", overwrite=args.overwrite)
     photos, other_photos, others, target_index = None, None, None, None
-    if args.image is not None:
+    if args.image is not None and is_main:
         from ..inversion import expand_photo_sources, prepare_photos
 
         # Photos are read and aligned before any network is built: a bad photo fails in seconds.
         photos = prepare_photos(expand_photo_sources(args.image), align=not args.pre_aligned, index=args.face_index,
                                 strict=args.strict, device=device)
         target_index = _target_index(args, len(photos))
-    if args.others:
+    if args.others and is_main:
         from ..inversion import list_photos, prepare_photos
 
         files = list_photos(args.others)
@@ -308,6 +319,10 @@ def _unlearn(args) -> int:
         others["target_index"] = target_index
         others["target_photo"] = photos[target_index].name
     extra = {"others": others} if others else None
+    if "distributed" in result.timings:
+        extra = dict(extra or {}, world_size=result.timings["world_size"], distributed=result.timings["distributed"])
+    if not is_main:
+        return 0
     out = result.save(args.out, generator_spec=args.generator, random_weights=random_gen or args.random_nets,
                       scorer=scorer, extra=extra, overwrite=args.overwrite)
     _print_summary(result, out, random_gen or args.random_nets)
@@ -384,3 +399,48 @@ def _demo_out(args):
     except (OSError, ValueError, TypeError):
         earlier_demo = False
     return out, earlier_demo
+
+
+def _unlearn_entry(args) -> int:
+    """`unlearn`, in one process, or sharded over torchrun's processes (--distributed, or
+    launched by torchrun): every rank runs `_unlearn`, the engine shards the identities
+    (guide_fast.unlearn.distributed), and every rank meets the others once more at the end, so
+    a failure anywhere (rank 0's --out check, a step on rank 3, rank 0's save) ends every rank
+    with the same one line, printed by rank 0, and exit code 2."""
+    from ..unlearn import distributed as sharding
+
+    if not (args.distributed or sharding.torchrun_environment()):
+        return _unlearn(args)
+    import torch.distributed as dist
+
+    args.dist_context, device = sharding.init_from_env(resolve_device(args.device), args.dist_timeout)
+    ctx = args.dist_context
+    args.device = str(device)
+    error = None
+    try:
+        try:
+            _unlearn(args)
+        except sharding.DistributedError as exc:  # already agreed on by every rank
+            error = exc
+        except Exception as exc:
+            error = exc
+        if not isinstance(error, sharding.DistributedError):
+            try:
+                ctx.agree(error, "unlearning")
+            except sharding.DistributedError as exc:
+                error = exc
+        if error is not None:
+            import sys
+
+            lost = getattr(error, "lost_contact", False)
+            if ctx.is_main or lost:  # the job's one line (every rank has the same message)
+                print(f"guide-fast {args.command}: error: {error}", file=sys.stderr, flush=True)
+            if not lost:
+                # no rank exits (and makes torchrun stop the others) before rank 0 has said why
+                with contextlib.suppress(Exception):
+                    dist.barrier(group=ctx.group)
+            return 2
+        return 0
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
