@@ -71,8 +71,9 @@ def check_rendering_kwargs(rk) -> dict:
     for k, v in rk.items():
         where = f"rendering_kwargs.{k}"
         if k in ("depth_resolution", "depth_resolution_importance"):
-            if not _is_int(v) or not (0 <= v <= 512) or (k == "depth_resolution" and v < 1):
-                raise _bad(where, v, "an integer number of samples per ray in 1..512 (0..512 for importance)")
+            # 4x the released generators' 48: a file cannot make one render need tens of GB
+            if not _is_int(v) or not (0 <= v <= 192) or (k == "depth_resolution" and v < 1):
+                raise _bad(where, v, "an integer number of samples per ray in 1..192 (0..192 for importance)")
         elif k in ("ray_start", "ray_end"):
             if v == "auto":
                 raise InputError(f"generator config field {where!r} is 'auto' (ShapeNet-style rays), which "
@@ -80,8 +81,8 @@ def check_rendering_kwargs(rk) -> dict:
             if not _is_num(v) or not (0 < v <= 1e3):
                 raise _bad(where, v, "a finite distance in (0, 1000]")
         elif k in ("box_warp", "decoder_lr_mul", "avg_camera_radius"):
-            if not _is_num(v) or not (0 < v <= 1e3):
-                raise _bad(where, v, "a finite positive number")
+            if not _is_num(v) or not (1e-3 <= v <= 1e3):
+                raise _bad(where, v, "a finite number in [0.001, 1000]")
         elif k in ("c_scale", "density_noise", "gpc_reg_prob", "density_reg", "density_reg_p_dist"):
             if not _is_num(v) or not (-1e3 <= v <= 1e3) or (k == "density_noise" and v < 0):
                 raise _bad(where, v, "a finite number")
