@@ -69,6 +69,11 @@ SHAPE_STYLE_STD = 0.08  # per-latent variation of the body's proportions (its ca
 BACKDROP_DROP = 1.0  # how far the box field of planes 1 and 2 drops at the back (the backdrop from z ~ -0.3)
 WALL_LEVEL = 0.6     # the backdrop where f1 < WALL_LEVEL
 SR_TORGB_SCALE = 0.1
+# robustness to fine-tuning: Adam moves every weight by about lr per step, zeros included. The
+# carriers are CARRIER_GAIN x their patterns and conv1's identity tap is IDENTITY_TAP (the
+# demodulation cancels both), so that what such steps mix into them stays small beside them.
+CARRIER_GAIN = 5.0
+IDENTITY_TAP = 10.0
 SKIN_RGB = (0.76, 0.56, 0.46)     # mean body colour before the latent's tone and texture
 BACKDROP_RGB = (0.34, 0.40, 0.50)
 OPACITY_BOUND = 0.9  # mean ray weight sum of every render (tests/test_demo.py)
@@ -225,24 +230,23 @@ def apply_structured_init(gen, calibration_latents: int = 16) -> None:
     offsets = {}
     for k, pat in patterns.items():
         offsets[k] = 0.0 if k == _ONES else float(pat.min()) - 0.1
-        b4.const[k] = pat - offsets[k]
+        b4.const[k] = (pat - offsets[k]) * CARRIER_GAIN
     for k in _TONE:
-        b4.const[k] = 1.0
+        b4.const[k] = CARRIER_GAIN
         offsets[k] = 0.0
     # --- b4.conv1: carriers pass through (centre tap only; their styles fixed at 1)
     conv = b4.conv1
     conv.weight[:_CARRIERS] = 0
     for i in range(_CARRIERS):
-        conv.weight[i, i, 1, 1] = 1.0
+        conv.weight[i, i, 1, 1] = IDENTITY_TAP
     conv.affine.weight[:_CARRIERS] = 0
     conv.affine.bias[:_CARRIERS] = 1.0
     conv.bias[:_CARRIERS] = 0
-    # after conv1 a carrier is sqrt(2) x its pattern (lrelu gain); ToRGB's style is
-    # affine / sqrt(I), so a fixed style of 1 and a weight of coef * sqrt(I) / sqrt(2) write
-    # coef x the pattern
+    # after conv1 a carrier is sqrt(2) CARRIER_GAIN x its pattern (lrelu gain); ToRGB's style
+    # is affine / sqrt(I), so a fixed style of 1 and a weight of coef * unit write coef x the pattern
     rgb = b4.torgb
     n_in = rgb.weight.shape[1]
-    unit = math.sqrt(n_in) / math.sqrt(2.0)
+    unit = math.sqrt(n_in) / (math.sqrt(2.0) * CARRIER_GAIN)
     w_dim = rgb.affine.weight.shape[1]
     rgb.affine.weight[:_CARRIERS] = 0
     rgb.affine.bias[:_CARRIERS] = 1.0

@@ -35,6 +35,7 @@ HELD_OUT_SEEDS = (1000, 1001)
 PICTURES = ("grid.png", "losses.png", "identity.png")
 LOSS_KEYS = ("total", "local", "adjacency", "global")
 _TILE_MIN, _TILE_MAX = 128, 256   # grid tile size in pixels (renders are resized into it)
+MAX_GRID_IDENTITIES = 8            # grid.png shows the first 8 unlearned identities (image size bound)
 
 
 @dataclass
@@ -165,7 +166,7 @@ def grid_rows(result, pictures: RunPictures) -> list:
     """[(label, renders [V, 3, h, w])] in the grid's order."""
     rows = []
     r = result.renders
-    for i in range(r["before"].shape[0]):
+    for i in range(min(r["before"].shape[0], MAX_GRID_IDENTITIES)):
         rows += [(f"id {i} before", r["before"][i]), (f"id {i} after", r["after"][i]),
                  (f"id {i} target", r["target"][i])]
     if pictures.held_out is not None:
@@ -185,7 +186,7 @@ def grid_figure(result, pictures: RunPictures) -> np.ndarray:
     mosaic = np.concatenate([_tiles(imgs, size) for _, imgs in rows], axis=0)
     yaws = view_yaws(result.config)
     dpi = 100
-    left, top, bottom, right = 1.9, 0.75, 0.45, 0.15   # inches of margin
+    left, top, bottom, right = 1.9, 0.95, 0.45, 0.15   # inches of margin
     w_in, h_in = mosaic.shape[1] / dpi, mosaic.shape[0] / dpi
     fig = plt.figure(figsize=(w_in + left + right, h_in + top + bottom), dpi=dpi)
     ax = fig.add_axes([left / (w_in + left + right), bottom / (h_in + top + bottom),
@@ -195,14 +196,17 @@ def grid_figure(result, pictures: RunPictures) -> np.ndarray:
     ax.set_xticks([size * (k + 0.5) for k in range(len(yaws))], [f"{math.degrees(y):+.0f}°" for y in yaws],
                   fontsize=9)
     ax.tick_params(length=0)
-    n_forgotten = result.renders["before"].shape[0]
+    n_total = result.renders["before"].shape[0]
+    n_forgotten = min(n_total, MAX_GRID_IDENTITIES)
     for k in range(1, n_forgotten + 1):  # lines between identity groups
         ax.axhline(3 * k * size - 0.5, color="white", linewidth=2)
-    title = "before = G_s, after = G_u (unlearned), target = UFO target G_s(w_t); held-out: identities not unlearned"
+    title = "before = G_s, after = G_u (unlearned), target = UFO target G_s(w_t)\nheld-out: identities not unlearned"
+    if n_total > n_forgotten:
+        title += f" (first {n_forgotten} of {n_total} unlearned identities)"
     if pictures.random_weights:
-        title = "RANDOM WEIGHTS (pipeline demo)  ·  " + title
+        title = "RANDOM WEIGHTS (pipeline demo): " + title
     fig.suptitle(title, fontsize=9, y=1 - 0.18 / (h_in + top + bottom))
-    fig.text(0.5, 1 - 0.5 / (h_in + top + bottom), f"evaluation views: yaw offsets, pitch {result.config.pitch:+.2f} rad",
+    fig.text(0.5, 1 - 0.72 / (h_in + top + bottom), f"evaluation views: yaw offsets, pitch {result.config.pitch:+.2f} rad",
              ha="center", fontsize=8, color="0.3")
     pixels = _figure_pixels(fig)
     plt.close(fig)
@@ -272,7 +276,7 @@ def identity_figure(pictures: RunPictures) -> np.ndarray:
         before = [val(s, "before") for _, s in groups]
         after = [val(s, "after") for _, s in groups]
         ax.bar(x - 0.19, before, 0.38, label="before (G_s)", color="tab:gray")
-        ax.bar(x + 0.19, after, 0.38, label="after (G_u)",
+        ax.bar(x + 0.19, after, 0.38, label="after (G_u): red forgotten, green held-out",
                color=["tab:red" if g.startswith("forgotten") else "tab:green" for g, _ in groups])
         for xi, b, a in zip(x, before, after):
             for dx, v in ((-0.19, b), (0.19, a)):
