@@ -69,6 +69,14 @@ def _probe(folder: Path) -> OSError | None:
     return None
 
 
+def _probe_reason(path: Path, err: OSError) -> str:
+    if _read_only(path) or err.errno == errno.EROFS:
+        return "read-only file system"
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    return _os_reason(err)
+
+
 def _writable_parent(path: Path, label: str) -> None:
     """The folder that will hold `path` exists (or can be created) and can be written."""
     parent = path.parent
@@ -85,7 +93,7 @@ def _writable_parent(path: Path, label: str) -> None:
     err = _probe(probe) if os.path.isdir(probe) else None
     if err is not None:
         action = "create folders in" if missing else "write in"
-        reason = "read-only file system" if _read_only(probe) else _os_reason(err)
+        reason = _probe_reason(probe, err)
         raise InputError(f"{label}: cannot {action} {probe} ({reason})")
 
 
@@ -172,7 +180,7 @@ def check_output_path(path, kind: str = "file", flag: str | None = "--out", *, o
         err = _probe(p)
         if err is not None:
             raise InputError(f"{label}: cannot write in {p} "
-                             f"({'read-only file system' if _read_only(p) else _os_reason(err)})")
+                             f"({_probe_reason(p, err)})")
         return p  # an existing folder is written from inside when its parent is not writable
     _writable_parent(p, label)
     return p

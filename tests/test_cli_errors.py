@@ -59,10 +59,11 @@ def test_convert_output_collisions(capsys, ws, gen_file):
 def test_unwritable_folder_is_refused_up_front(capsys, ws, gen_file, monkeypatch):
     import guide_fast.io as gio
 
-    real_access = os.access
+    real_probe = gio._probe  # the up-front check really tries to write (os.access says yes to root)
     ro = ws / "ro"
     ro.mkdir()
-    monkeypatch.setattr(gio.os, "access", lambda p, mode: False if str(p) == str(ro) else real_access(p, mode))
+    monkeypatch.setattr(gio, "_probe", lambda p: PermissionError(errno.EACCES, "Permission denied")
+                        if str(p) == str(ro) else real_probe(p))
     for argv in (["convert", gen_file, ro / "g.safetensors"],
                  ["render", "--out", ro / "r.png"],
                  ["weights", "--dir", ws, "--json", ro / "w.json"],
