@@ -283,7 +283,8 @@ def _unlearn(args) -> int:
         others = {"folder": str(args.others)}
     gen, random_gen = resolve_generator(args.generator, device=device)
     average = _w_avg(args, gen)
-    encoder = _encoder(args, device)
+    # loaded once, only where photos are inverted (GOAE: ~440 MB of weights)
+    encoder = _encoder(args, device) if (photos is not None or other_photos is not None) else None
     id_loss, lpips = build_loss_networks(args, device, args.random_nets)
     cfg_kwargs = dict(iterations=args.iters, lr=args.lr, path=args.path, renderer=args.renderer,
                       precision=args.precision, cuda_graph=not args.no_graph, seed=args.run_seed,
