@@ -53,6 +53,16 @@ def _is_num(v) -> bool:
     return abs(v) < 1e300 if isinstance(v, int) else math.isfinite(v)  # huge ints would overflow a float
 
 
+def _plain(v, depth: int = 0) -> bool:
+    if v is None or isinstance(v, bool) or _is_num(v):
+        return True
+    if isinstance(v, str):
+        return len(v) <= 200
+    if isinstance(v, (list, tuple)) and depth < 2:
+        return len(v) <= 64 and all(_plain(x, depth + 1) for x in v)
+    return False
+
+
 def _pow2(v: int) -> bool:
     return v > 0 and v & (v - 1) == 0
 
@@ -83,7 +93,7 @@ def check_rendering_kwargs(rk) -> dict:
         elif k in ("box_warp", "decoder_lr_mul", "avg_camera_radius"):
             if not _is_num(v) or not (1e-3 <= v <= 1e3):
                 raise _bad(where, v, "a finite number in [0.001, 1000]")
-        elif k in ("c_scale", "density_noise", "gpc_reg_prob", "density_reg", "density_reg_p_dist"):
+        elif k in ("c_scale", "density_noise"):
             if not _is_num(v) or not (-1e3 <= v <= 1e3) or (k == "density_noise" and v < 0):
                 raise _bad(where, v, "a finite number")
         elif k in ("sr_antialias", "c_gen_conditioning_zero", "white_back", "disparity_space_sampling"):
@@ -101,12 +111,11 @@ def check_rendering_kwargs(rk) -> dict:
             if not isinstance(v, (list, tuple)) or len(v) != 3 or not all(_is_num(x) for x in v):
                 raise _bad(where, v, "a list of 3 finite numbers")
             v = list(v)
-        elif k == "image_resolution":
-            if not _is_int(v) or not (1 <= v <= 4096):
-                raise _bad(where, v, "an integer resolution")
-        else:  # keys only training reads: kept if plain JSON scalars
-            if not (v is None or isinstance(v, (bool, str)) and len(str(v)) <= 200 or _is_num(v)):
-                raise _bad(where, v, "a plain number, string or boolean")
+        else:  # keys only training reads (gpc_reg_prob may be None, reg_type a string, ...): kept as
+            # plain JSON values, never used by the generator
+            if not _plain(v):
+                raise _bad(where, v, "a plain number, string, boolean or a short list of them")
+            v = list(v) if isinstance(v, tuple) else v
         out[k] = v
     for k in ("ray_start", "ray_end", "depth_resolution", "depth_resolution_importance", "box_warp"):
         if k not in out:
