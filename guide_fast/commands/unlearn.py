@@ -7,13 +7,17 @@ from pathlib import Path
 from ._common import check_positive, check_precision, check_renderer, resolve_device, seed_type
 
 DEMO_ITERATIONS = 24
+DEMO_LR = 1e-3
+DEMO_SEED = 7
+DEMO_VIEWS = 5
+DEMO_SCORER = "CurricularFace IR-101 (random weights)"
 DEMO_OUT = "demo_out"
 
 
 def add_commands(sub) -> None:
     p = sub.add_parser("unlearn", help="make the generator forget one or more identities (GUIDE)",
                        description="Fine-tune EG3D's tri-plane synthesis network so that it no longer produces the "
-                                   "given identities (GUIDE, guide.md §3), and write the unlearned checkpoint, the "
+                                   "given identities (GUIDE, docs/guide.md §3), and write the unlearned checkpoint, the "
                                    "weight delta, report.json and grid.png to --out.")
     p.add_argument("--generator", required=True,
                    help="EG3D checkpoint (official .pkl or guide-fast .safetensors), or a preset name "
@@ -25,7 +29,7 @@ def add_commands(sub) -> None:
                      help="photo(s) of the person(s) to forget (aligned and inverted first), or a folder of photos "
                           "of one person (see --target-index)")
     p.add_argument("--others", help="folder of other photos of the same person: aligned and inverted too, and "
-                                    "saved as w_others for `guide-fast evaluate --run` (ID_others, guide.md §4.3)")
+                                    "saved as w_others for `guide-fast evaluate --run` (ID_others, docs/guide.md §4.3)")
     p.add_argument("--id-weights", help="ArcFace IR-SE50 weights (model_ir_se50.pth) for the identity loss")
     p.add_argument("--lpips-weights", help="torchvision VGG16 weights (vgg16-397923af.pth) for LPIPS")
     p.add_argument("--lpips-heads", help="LPIPS v0.1 linear heads (vgg.pth); default: the copy in the lpips package")
@@ -58,6 +62,16 @@ def add_commands(sub) -> None:
     p.add_argument("--upsample-conv", choices=["auto", "reference", "folded"], default="auto",
                    help="2x up-convolutions: FIR folded into the kernel (auto: on the fast path) or the official two passes")
     p.add_argument("--channels-last", action="store_true", help="fast path: NHWC generator activations")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="fast path: torch.compile (Inductor) of the backbone, super-resolution, LPIPS and identity "
+                        "networks (auto: the execution plan's choice, off until measured faster); a compile failure "
+                        "falls back to eager and report.json says why")
+    p.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                   default="default", help="with --compile on: Inductor's mode (reduce-overhead replaces the "
+                                           "engine's own CUDA-graph capture by Inductor's)")
+    p.add_argument("--noise-passes", choices=["shared", "separate"], default="shared",
+                   help="fast path: one backbone pass serves the tri-plane MSE and the image (shared, the default) "
+                        "or the MSE gets its own passes with independent noise (separate, as the official code)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--invert-steps", type=int, default=None,
                    help="optimisation steps of the photo inversion without --encoder (default 300)")
@@ -121,7 +135,8 @@ def check_unlearn_flags(args, device) -> None:
     if args.path == "reference":
         fast_only = [flag for flag, on in (("--precision bf16", args.precision == "bf16"),
                                            ("--upsample-conv folded", args.upsample_conv == "folded"),
-                                           ("--channels-last", args.channels_last)) if on]
+                                           ("--channels-last", args.channels_last),
+                                           ("--compile on", getattr(args, "compile", "auto") == "on")) if on]
         if fast_only:
             raise InputError(f"--reference runs the official operators in fp32; {' and '.join(fast_only)} "
                              f"{'is a fast-path option' if len(fast_only) == 1 else 'are fast-path options'} "
@@ -289,7 +304,8 @@ def _unlearn(args) -> int:
     cfg_kwargs = dict(iterations=args.iters, lr=args.lr, path=args.path, renderer=args.renderer,
                       precision=args.precision, cuda_graph=not args.no_graph, seed=args.run_seed,
                       upsample_conv=args.upsample_conv,
-                      memory_format="channels_last" if args.channels_last else "contiguous")
+                      memory_format="channels_last" if args.channels_last else "contiguous",
+                      compile=args.compile, compile_mode=args.compile_mode, noise_passes=args.noise_passes)
     if args.target is not None:  # else: the config's own target (extra; average for the baseline)
         cfg_kwargs["target"] = args.target
     cfg = UnlearnConfig.baseline(**cfg_kwargs) if args.baseline else UnlearnConfig(**cfg_kwargs)
@@ -370,18 +386,44 @@ def _demo(args) -> int:
     print("guide-fast demo: GUIDE unlearning on the built-in 'tiny' EG3D generator.")
     print("  RANDOM WEIGHTS: generator, ArcFace IR-SE50 and LPIPS-VGG are randomly initialised; the run exercises the")
     print("  whole pipeline (UFO target, local + adjacency + global losses, Adam on backbone.synthesis) but forgets")
-    print("  nobody real. For a real run: guide-fast unlearn --generator ffhqrebalanced512-128.pkl ...")
+    print("  nobody real. The tiny generator's random weights are structured (eg3d/init.py) so that its renders")
+    print("  show an opaque, shaded head-sized body whose colours follow the latent.")
+    print("  For a real run: guide-fast unlearn --generator ffhqrebalanced512-128.pkl ...")
+    from ..eg3d.init import INIT_NAME
+
     gen = build_generator("tiny", seed=0, device=device)
     id_loss = IdentityLoss(build_backbone("ir_se50", seed=0)).to(device)
     lpips = LPIPS.random(0).to(device)
-    cfg = UnlearnConfig(iterations=args.iters, lr=1e-3, seed=0, eval_views=5)
-    result = Unlearner(gen, id_loss, lpips, cfg).unlearn(seeds=[7], progress=True)
+    cfg = UnlearnConfig(iterations=args.iters, lr=DEMO_LR, seed=0, eval_views=DEMO_VIEWS)
+    result = Unlearner(gen, id_loss, lpips, cfg).unlearn(seeds=[DEMO_SEED], progress=True)
     scorer = IdentityScorer(build_backbone("ir101", seed=1), backend="torch", device=device, align="crop")
+    demo = {"iterations": args.iters, "lr": DEMO_LR, "seed": DEMO_SEED, "eval_views": DEMO_VIEWS,
+            "generator_init": INIT_NAME, "scorer": DEMO_SCORER,
+            "lr_note": f"lr {DEMO_LR:g} (paper: 1e-4) so that {args.iters} demo steps visibly move the forgotten "
+                       "identity; the adjacency and global losses keep the held-out identities close"}
     out = result.save(out_dir, overwrite=overwrite, generator_spec="tiny", random_weights=True, scorer=scorer,
-                      extra={"demo": {"lr_note": "lr 1e-3 (paper: 1e-4) so that a few demo steps visibly move the "
-                                                 "generator", "iterations": args.iters}})
+                      extra={"demo": demo})
     _print_summary(result, out, True)
+    _print_identity(out, DEMO_SCORER)
     return 0
+
+
+def _print_identity(out, scorer_name: str) -> None:
+    """The run's identity similarity to the source, before -> after (report.json "pictures")."""
+    import json
+
+    ident = json.loads((Path(out) / "report.json").read_text()).get("pictures", {}).get("identity_to_source")
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    if ident:
+        print(f"identity similarity to the source, before -> after ({scorer_name}; RANDOM WEIGHTS, so the numbers "
+              "show the mechanics, not a real face network's verdict):")
+        for e in ident["forgotten"]:
+            print(f"  forgotten id {e['identity']} (seed {DEMO_SEED}): {fmt(e['before'])} -> {fmt(e['after'])}")
+        for e in ident["held_out"]:
+            print(f"  held-out seed {e['seed']}:{' ' * max(1, 13 - len(str(e['seed'])))}{fmt(e['before'])} -> "
+                  f"{fmt(e['after'])}")
+    print(f"pictures: {Path(out) / 'grid.png'} (renders before / after / target, held-out before / after), "
+          f"{Path(out) / 'losses.png'}, {Path(out) / 'identity.png'}")
 
 
 
