@@ -208,6 +208,8 @@ def test_pictures_without_renders_or_scorer(tmp_path, tiny_generator):
     names = {p.name for p in out.iterdir()}
     assert "grid.png" not in names and {"losses.png", "identity.png"} <= names
     _png(out / "identity.png")
+    files = json.loads((out / "report.json").read_text())["files"]
+    assert "grid.png" not in files and {"losses.png", "identity.png"} <= set(files)
 
 
 def test_smooth_follows_the_trend():

@@ -1,4 +1,5 @@
-"""Writing an unlearning run to disk: checkpoint, delta, latents, report.json, grid.png.
+"""Writing an unlearning run to disk: checkpoint, delta, latents, report.json and the pictures
+(grid.png, losses.png, identity.png: unlearn/plots.py).
 
 Everything is written into a staging folder beside the output folder, which then becomes the
 output folder as a whole (guide_fast.io.staged_folder): an interrupted save never leaves a
@@ -12,11 +13,10 @@ import platform
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from ..evaluation.views import score_view_renders, view_yaws
-from ..io import save_image, to_uint8, write_json
+from ..io import write_json
 
 if TYPE_CHECKING:  # the engine imports this module; this one only names its result type
     from .engine import UnlearnResult
@@ -53,28 +53,6 @@ def identity_similarity(result, scorer) -> dict:
         "views_without_face": s_ba["pairs"] - s_ba["pairs_scored"],
         "scorer": getattr(scorer, "description", type(scorer).__name__),
     }
-
-
-def _label_tile(text: str, height: int, width: int = 96) -> np.ndarray:
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (width, height), (255, 255, 255))
-    ImageDraw.Draw(img).text((4, max(0, height // 2 - 6)), text, fill=(0, 0, 0))
-    return np.asarray(img)
-
-
-def grid_image(result, max_tile: int = 256) -> np.ndarray:
-    """Rows per identity: before (G_s(w_u)), after (G_u(w_u)), UFO target (G_s(w_t)); columns: views."""
-    rows = []
-    for i in range(result.renders["before"].shape[0]):
-        for key, label in (("before", f"id {i} before"), ("after", f"id {i} after"), ("target", f"id {i} target")):
-            imgs = result.renders[key][i]
-            if imgs.shape[-1] > max_tile:
-                imgs = torch.nn.functional.interpolate(imgs, size=(max_tile, max_tile), mode="area")
-            tiles = list(to_uint8(imgs))
-            row = np.concatenate(tiles, axis=1)
-            rows.append(np.concatenate([_label_tile(label, row.shape[0]), row], axis=1))
-    return np.concatenate(rows, axis=0)
 
 
 def build_report(result: "UnlearnResult", generator_spec=None, random_weights: bool = False, scorer=None,
@@ -145,7 +123,8 @@ def save_result(result, out_dir, generator_spec=None, random_weights: bool = Fal
         if result.w_others is not None:
             latents["w_others"] = result.w_others
         save_file({k: v.detach().cpu().contiguous() for k, v in latents.items()}, str(stage / "latents.safetensors"))
-        write_pictures(stage, result, pictures)
+        written = write_pictures(stage, result, pictures)
+        report["files"] = [f for f in report["files"] if f not in PICTURES or f in written]
         for i, inverted in enumerate(result.inversion or []):
             inverted.save_images(stage, prefix=f"identity{i}_")  # aligned crop + reconstruction
         write_json(stage / "report.json", report)
