@@ -147,9 +147,10 @@ def _storage_pickle(n_storage: int, size, stride, offset: int = 0) -> bytes:
 
 def _load_records(data: bytes, budget: int = 1 << 30):
     from guide_fast.checkpoints.interpret import Interpreter
+    from guide_fast.checkpoints.torch_archive import read_storage_bytes
 
     root, _ = parse_pickle(data, source="t.pkl")
-    return Interpreter("t.pkl", budget).value(root)
+    return Interpreter("t.pkl", budget, embedded_storage=read_storage_bytes).value(root)
 
 
 def test_tensor_larger_than_its_storage_is_refused_not_filled_with_heap_memory():

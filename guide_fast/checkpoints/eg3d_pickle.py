@@ -18,6 +18,7 @@ from ..errors import CheckpointError, InputError
 from .files import read_bytes, tensor_budget
 from .interpret import Interpreter, ObjectRecord, PersistentObject
 from .pickle_reader import Call, Global, parse_pickle
+from .torch_archive import read_storage_bytes
 
 MAX_MODULE_DEPTH = 32
 GENERATOR_CLASS = "TriPlaneGenerator"
@@ -43,7 +44,7 @@ def read_official_pickle(path, key: str = "G_ema"):
                                   "allow-list of an EG3D network pickle (nothing from the file was executed)")
         raise CheckpointError(f"{path}: {key} is a {type(rec).__name__}, not an EG3D network object (a "
                               "torch_utils.persistence record)")
-    interp = Interpreter(source, tensor_budget(len(data)))
+    interp = Interpreter(source, tensor_budget(len(data)), embedded_storage=read_storage_bytes)
     obj = interp.value(rec, key)
     if not isinstance(obj, ObjectRecord):
         raise CheckpointError(f"{path}: {key} is a {type(obj).__name__}, not an EG3D network object")

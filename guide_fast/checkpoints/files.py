@@ -20,7 +20,7 @@ import torch
 from ..errors import CheckpointError
 from ..io import short_list
 from .interpret import Interpreter
-from .torch_archive import read_archive
+from .torch_archive import read_archive, read_storage_bytes
 
 BUDGET_SLACK = 64 << 20   # tensors of a file may take at most 2 x its size + this
 MAX_SAFETENSORS_HEADER = 100 << 20
@@ -78,7 +78,8 @@ def read_torch_file(path, what: str = "file"):
     source = f"{what} {path}"
     try:
         root, interp = read_archive(data, source, lambda: Interpreter(source, tensor_budget(len(data)),
-                                                                          allow_objects=False))
+                                                                          allow_objects=False,
+                                                                          embedded_storage=read_storage_bytes))
         value = interp.value(root, "the saved object")
     except CheckpointError as exc:
         if "allow-list" in str(exc) or "only tensors and containers" in str(exc):

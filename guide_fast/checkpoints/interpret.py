@@ -92,8 +92,13 @@ class Interpreter:
     """Turns records into values. `storage_loader(pid) -> Storage` resolves persistent ids (an
     archive's storages); `byte_budget` caps the bytes of all tensors made."""
 
-    def __init__(self, source: str, byte_budget: int, storage_loader=None, allow_objects: bool = True):
+    def __init__(self, source: str, byte_budget: int, storage_loader=None, allow_objects: bool = True,
+                 embedded_storage=None):
         self.source = source
+        # embedded_storage(data, interpreter, where) -> Storage: reads the torch.save bytes of
+        # `torch.storage._load_from_bytes` (torch_archive.read_storage_bytes; passed in, so that
+        # this module does not import the one that imports it)
+        self.embedded_storage = embedded_storage
         self.budget = int(byte_budget)
         self.used = 0
         self.storage_loader = storage_loader
@@ -205,9 +210,9 @@ class Interpreter:
             data = self.value(rec.args[0], where, depth)
             if not isinstance(data, memoryview):
                 self.fail(where, "torch.storage._load_from_bytes of something other than bytes")
-            from .torch_archive import read_storage_bytes
-
-            return read_storage_bytes(data, self, where)
+            if self.embedded_storage is None:
+                self.fail(where, "an embedded storage where none is expected")
+            return self.embedded_storage(data, self, where)
         if func.module in ("numpy.core.multiarray", "numpy._core.multiarray") and func.name == "scalar":
             return self._numpy_scalar(rec, where)
         if path == PERSISTENCE:
