@@ -275,20 +275,25 @@ def identity_figure(pictures: RunPictures) -> np.ndarray:
         val = lambda s, k: np.nan if s[k] is None else s[k]  # noqa: E731
         before = [val(s, "before") for _, s in groups]
         after = [val(s, "after") for _, s in groups]
-        ax.bar(x - 0.19, before, 0.38, label="before (G_s)", color="tab:gray")
-        ax.bar(x + 0.19, after, 0.38, label="after (G_u): red forgotten, green held-out",
+        bottom = min([v for v in before + after if np.isfinite(v)] + [0.0]) - 1.0  # bars rise from below the axis
+        before_h = [v - bottom for v in before]
+        after_h = [v - bottom for v in after]
+        ax.bar(x - 0.19, before_h, 0.38, bottom=bottom, label="before (G_s)", color="tab:gray")
+        ax.bar(x + 0.19, after_h, 0.38, bottom=bottom, label="after (G_u): red forgotten, green held-out",
                color=["tab:red" if g.startswith("forgotten") else "tab:green" for g, _ in groups])
         for xi, b, a in zip(x, before, after):
             for dx, v in ((-0.19, b), (0.19, a)):
                 if np.isfinite(v):
-                    ax.text(xi + dx, v + 0.01 if v >= 0 else v - 0.01, f"{v:.2f}", ha="center",
-                            va="bottom" if v >= 0 else "top", fontsize=8)
+                    ax.text(xi + dx, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
         ax.set_xticks(x, [g for g, _ in groups], fontsize=9)
-        finite = [v for v in before + after if np.isfinite(v)]
-        low = min([0.0] + finite)
-        ax.set_ylim(low - 0.05 if low < 0 else 0, 1.1)
-        ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_ylabel("identity similarity to the source")
+        finite = [v for v in before + after if np.isfinite(v)] or [0.0]
+        # zoom to the values (a random network's similarities all sit near 1): the axis starts
+        # below the lowest value by half its distance to 1 (at least 0.02)
+        low = min(finite) - max(0.02, 0.5 * (1 - min(finite)))
+        ax.set_ylim(low, 1 + 0.12 * (1 - low))
+        if low < 0:
+            ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_ylabel("identity similarity to the source (axis zoomed)")
         ax.legend(fontsize=8, loc="lower right")
         ax.grid(axis="y", alpha=0.3)
         ax.set_title(f"scorer: {ident['scorer']}", fontsize=9)
