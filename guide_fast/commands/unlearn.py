@@ -7,7 +7,7 @@ from pathlib import Path
 from ._common import check_positive, check_precision, check_renderer, resolve_device, seed_type
 
 DEMO_ITERATIONS = 24
-DEMO_LR = 1e-3
+DEMO_LR = 5e-4
 DEMO_SEED = 7
 DEMO_VIEWS = 5
 DEMO_SCORER = "CurricularFace IR-101 (random weights)"
