@@ -207,6 +207,7 @@ def official_config(name: str):
 def official_release_pickle(name: str, seed: int = 0) -> tuple:
     """(generator with small random weights, its pickle) of a released configuration: the
     architecture, shapes and kwargs of the real file, weights drawn at init scale."""
-    torch.manual_seed(seed)
-    gen = TriPlaneGenerator(official_config(name)).eval().requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream is left alone
+        torch.manual_seed(seed)
+        gen = TriPlaneGenerator(official_config(name)).eval().requires_grad_(False)
     return gen, official_pickle_bytes(gen)
