@@ -22,3 +22,14 @@ def tiny_generator():
     from guide_fast.eg3d.generator import build_generator
 
     return build_generator("tiny", seed=0)
+
+
+@pytest.fixture
+def generator_pair():
+    """The (G_u, G_s) pair of an unlearning run, set up as the engine does it:
+    `generator_pair(source, plan=None) -> (g_u, g_s)` (guide_fast.unlearn.engine.generator_pair:
+    deep copies in train mode, G_s frozen, only G_u's backbone.synthesis trainable, the plan's
+    operators applied when a plan is given)."""
+    from guide_fast.unlearn.engine import generator_pair
+
+    return generator_pair

@@ -1,7 +1,9 @@
 """The GUIDE engine on the tiny preset (CPU): formulas, loss terms, fast == reference, batching,
 behaviour of a short run, interruption and bad inputs (issue: the unlearning engine)."""
+import hashlib
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from guide_fast.eg3d.generator import build_generator
 from guide_fast.errors import InputError
 from guide_fast.identity import IdentityLoss
 from guide_fast.perceptual import LPIPS
+from guide_fast.plan import ExecutionPlan
 from guide_fast.render import make_render_draws
 from guide_fast.unlearn.config import UnlearnConfig
 from guide_fast.unlearn.engine import Unlearner, UnlearnError, latents_from_seeds
@@ -41,12 +44,9 @@ def _cfg(**kw):
     return UnlearnConfig(**base)
 
 
-def _session_parts(gen, nets, cfg, w_u, step_cls):
+def _session_parts(generator_pair, gen, nets, cfg, w_u, step_cls):
     id_loss, lpips = nets
-    g_s = gen.copy().train().requires_grad_(False)
-    g_u = gen.copy().train().requires_grad_(False)
-    for _, p in g_u.trainable_synthesis_parameters():
-        p.requires_grad_(True)
+    g_u, g_s = generator_pair(gen)
     w_t = target_latent(w_u, g_s.w_avg, cfg.target, cfg.target_distance)
     return step_cls(g_u, g_s, id_loss, lpips, cfg, w_u, w_t), g_u, g_s, w_t
 
@@ -64,7 +64,7 @@ def test_ufo_target_formula():
     w_t = target_latent(w_u, w_avg, "extra", 30.0)
     for i in range(3):
         d = w_u[i] - w_avg
-        want = w_avg - 30.0 * d / torch.sqrt((d ** 2).sum())  # Frobenius over all layers (guide.md §3.4)
+        want = w_avg - 30.0 * d / torch.sqrt((d ** 2).sum())  # Frobenius over all layers (docs/guide.md §3.4)
         torch.testing.assert_close(w_t[i], want)
         assert torch.linalg.norm(w_t[i] - w_avg) == pytest.approx(30.0, rel=1e-5)
     torch.testing.assert_close(target_latent(w_u, w_avg, "average"), w_avg.expand(3, 8, 16))
@@ -83,11 +83,11 @@ def test_adjacency_offsets_formula():
             assert delta[i, k].norm() == pytest.approx(float(alpha[i, k]), rel=1e-5)
 
 
-def test_each_loss_term_equals_a_direct_computation(gen, nets):
+def test_each_loss_term_equals_a_direct_computation(gen, nets, generator_pair):
     id_loss, lpips = nets
     cfg = _cfg()
     w_u = latents_from_seeds(gen, [3])
-    step, g_u, g_s, w_t = _session_parts(gen, nets, cfg, w_u, FastStep)
+    step, g_u, g_s, w_t = _session_parts(generator_pair, gen, nets, cfg, w_u, FastStep)
     draws = _draws(step, cfg)
     with torch.no_grad():
         entry = step.losses(draws)
@@ -108,16 +108,16 @@ def test_each_loss_term_equals_a_direct_computation(gen, nets):
             img_u = g_u.synthesis(wu[None], c, noise_mode="const", render_draws=sl(draws.render_u))["image"]
             img_s = g_s.synthesis(ws[None], c, noise_mode="const", render_draws=sl(draws.render_s))["image"]
             want = lpips(img_u, img_s).mean()
-            if e < 3:  # local and adjacency: 0.01 MSE(planes) + LPIPS + 0.1 ID (guide.md §3.5)
+            if e < 3:  # local and adjacency: 0.01 MSE(planes) + LPIPS + 0.1 ID (docs/guide.md §3.5)
                 mse = F.mse_loss(g_u.planes(wu[None], "const"), g_s.planes(ws[None], "const"))
                 want = 0.01 * mse + want + 0.1 * id_loss(img_u, img_s)
             assert entry[e].item() == pytest.approx(want.item(), rel=1e-4, abs=1e-6), f"entry {e}"
 
 
-def test_adjacency_and_global_terms_are_summed_not_averaged(gen, nets):
+def test_adjacency_and_global_terms_are_summed_not_averaged(gen, nets, generator_pair):
     cfg = _cfg()
     w_u = latents_from_seeds(gen, [3])
-    step, *_ = _session_parts(gen, nets, cfg, w_u, FastStep)
+    step, *_ = _session_parts(generator_pair, gen, nets, cfg, w_u, FastStep)
     with torch.no_grad():
         entry = step.losses(_draws(step, cfg))
     values, per_id = step.summarize(entry)
@@ -129,7 +129,7 @@ def test_adjacency_and_global_terms_are_summed_not_averaged(gen, nets):
     assert per_id.tolist() == pytest.approx([total])
     # weights: doubling adjacency_weight doubles the adjacency block only
     cfg2 = _cfg(adjacency_weight=2.0, global_weight=0.5)
-    step2, *_ = _session_parts(gen, nets, cfg2, w_u, FastStep)
+    step2, *_ = _session_parts(generator_pair, gen, nets, cfg2, w_u, FastStep)
     with torch.no_grad():
         v2, _ = step2.summarize(step2.losses(_draws(step2, cfg2)))
     assert v2[2].item() == pytest.approx(2 * adj, rel=1e-5)
@@ -137,11 +137,11 @@ def test_adjacency_and_global_terms_are_summed_not_averaged(gen, nets):
     assert v2[1].item() == pytest.approx(local, rel=1e-5)
 
 
-def test_fast_step_equals_reference_step_on_the_same_draws(gen, nets):
+def test_fast_step_equals_reference_step_on_the_same_draws(gen, nets, generator_pair):
     cfg = _cfg()
     w_u = latents_from_seeds(gen, [5])
-    fast, g_fast, _, _ = _session_parts(gen, nets, cfg, w_u, FastStep)
-    ref, g_ref, _, _ = _session_parts(gen, nets, cfg, w_u, ReferenceStep)
+    fast, g_fast, _, _ = _session_parts(generator_pair, gen, nets, cfg, w_u, FastStep)
+    ref, g_ref, _, _ = _session_parts(generator_pair, gen, nets, cfg, w_u, ReferenceStep)
     draws = _draws(fast, cfg, seed=3)
     vf, _ = fast.step(draws)
     vr, _ = ref.step(draws)
@@ -158,17 +158,17 @@ def test_fast_step_equals_reference_step_on_the_same_draws(gen, nets):
     assert changed > 10
 
 
-def test_batched_identities_equal_the_single_identity_path(gen, nets):
+def test_batched_identities_equal_the_single_identity_path(gen, nets, generator_pair):
     cfg = _cfg()
     w2 = latents_from_seeds(gen, [11, 12])
-    both, g_both, _, _ = _session_parts(gen, nets, cfg, w2, FastStep)
+    both, g_both, _, _ = _session_parts(generator_pair, gen, nets, cfg, w2, FastStep)
     d2 = _draws(both, cfg, seed=4)
     entry2 = both.losses(d2)
     entry2.sum().backward()
     lay = both.layout
     rays = both.rays
     for i in range(2):
-        one, g_one, _, _ = _session_parts(gen, nets, cfg, w2[i:i + 1], FastStep)
+        one, g_one, _, _ = _session_parts(generator_pair, gen, nets, cfg, w2[i:i + 1], FastStep)
         # the same draws, restricted to identity i (layout: local, adjacency i-major, global i-major)
         idx = [i] + [lay.n_local + i * 2 + k for k in range(2)] + [lay.n_local + lay.n_adj + i * 2 + k for k in range(2)]
         pick = lambda d: {"stratified": d["stratified"][idx],  # noqa: E731
@@ -242,7 +242,8 @@ def test_interrupted_run_leaves_no_partial_output(gen, nets, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["run"], "the staging folder must be removed"
     result.save(tmp_path / "run")
     assert {p.name for p in (tmp_path / "run").iterdir()} == {
-        "generator.safetensors", "delta.safetensors", "latents.safetensors", "grid.png", "report.json"}
+        "generator.safetensors", "delta.safetensors", "latents.safetensors", "grid.png", "losses.png", "identity.png",
+        "report.json"}
 
 
 class NaNLoss(nn.Module):
@@ -292,7 +293,12 @@ def test_cli_unlearn_writes_checkpoint_delta_report_and_grid(tmp_path, gen):
     g_u = load_generator(out / "generator.safetensors")
     delta, meta = load_delta(out / "delta.safetensors")
     assert set(delta) == {k for k, _ in g_u.named_parameters() if k.startswith("backbone.synthesis.")}
-    assert meta["source_sha256"] == gen.source_sha256 if getattr(gen, "source_sha256", None) else True
+    # the delta names its source: the sha256 of the generator file the run loaded (a freshly built
+    # generator has none of its own, so the file's digest is the source's identity)
+    assert gen.source_sha256 is None
+    file_digest = hashlib.sha256(Path(gpath).read_bytes()).hexdigest()
+    assert load_generator(gpath).source_sha256 == file_digest
+    assert meta["source_sha256"] == file_digest == report["source_sha256"]
     assert main(["unlearn", "--generator", str(gpath), "--seed", "1", "--out", str(tmp_path / "x"),
                  "--iters", "1"]) == 2  # no loss networks given -> clear error, exit 2
     assert main(["unlearn", "--generator", str(tmp_path / "missing.pkl"), "--random-nets", "--seed", "1",
@@ -308,17 +314,14 @@ def test_cli_unlearn_writes_checkpoint_delta_report_and_grid(tmp_path, gen):
     assert not (tmp_path / "r").exists()
 
 
-def test_identities_split_into_passes_give_the_same_update(gen, nets):
+def test_identities_split_into_passes_give_the_same_update(gen, nets, generator_pair):
     """identities_per_pass bounds memory: gradient accumulation over passes == one batched pass."""
     cfg = _cfg()
     w2 = latents_from_seeds(gen, [31, 32, 33])
     id_loss, lpips = nets
     steps = []
     for per in (0, 2):
-        g_s = gen.copy().train().requires_grad_(False)
-        g_u = gen.copy().train().requires_grad_(False)
-        for _, p in g_u.trainable_synthesis_parameters():
-            p.requires_grad_(True)
+        g_u, g_s = generator_pair(gen)
         w_t = target_latent(w2, g_s.w_avg, cfg.target, cfg.target_distance)
         steps.append((FastStep(g_u, g_s, id_loss, lpips, cfg, w2, w_t, identities_per_pass=per), g_u))
     assert len(steps[1][0].passes) == 2
@@ -332,20 +335,19 @@ def test_identities_split_into_passes_give_the_same_update(gen, nets):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
 
 
-def test_fast_path_operator_choices_give_the_same_step(gen, nets):
+def test_fast_path_operator_choices_give_the_same_step(gen, nets, generator_pair):
     """The fast path's folded up-convs and channels_last activations change no maths: one step
     with them equals the plain fast step on the same draws (fp32, CPU)."""
     cfg = _cfg()
     w_u = latents_from_seeds(gen, [7])
-    plain, g_plain, _, _ = _session_parts(gen, nets, cfg, w_u, FastStep)
+    plain, g_plain, _, _ = _session_parts(generator_pair, gen, nets, cfg, w_u, FastStep)
     id_loss, lpips = nets
-    g_s = gen.copy().set_upsample_conv("folded").train().requires_grad_(False).to(memory_format=torch.channels_last)
-    g_u = gen.copy().set_upsample_conv("folded").train().requires_grad_(False).to(memory_format=torch.channels_last)
-    for _, p in g_u.trainable_synthesis_parameters():
-        p.requires_grad_(True)
+    plan = ExecutionPlan.resolve("cpu", upsample_conv="folded", memory_format="channels_last")
+    g_u, g_s = generator_pair(gen, plan)
+    assert g_s.upsample_conv == "folded" and g_u.renderer_backend == "reference"
     assert g_u.backbone.synthesis.b8.conv0.weight.is_contiguous(memory_format=torch.channels_last)
     w_t = target_latent(w_u, g_s.w_avg, cfg.target, cfg.target_distance)
-    fast = FastStep(g_u, g_s, id_loss, lpips, cfg, w_u, w_t)
+    fast = FastStep(g_u, g_s, id_loss, lpips, cfg, w_u, w_t, plan=plan)
     d = _draws(plain, cfg, seed=5)
     e0, e1 = plain.losses(d), fast.losses(d)
     torch.testing.assert_close(e1, e0, rtol=1e-5, atol=1e-6)
@@ -377,18 +379,18 @@ def test_session_with_channels_last_hands_back_a_plain_generator(gen, nets, tmp_
         _cfg(memory_format="nhwc")
     with pytest.raises(InputError, match="upsample_conv"):
         _cfg(upsample_conv="fast")
-    with pytest.raises(InputError, match="fast-path options"):
+    with pytest.raises(InputError, match="fast path"):
         Unlearner(gen, id_loss, lpips, _cfg(path="reference", upsample_conv="folded")).prepare(seeds=[3])
 
 
 @pytest.mark.parametrize("noise_mode,cache,cached", [("const", "auto", True), ("random", "auto", False),
                                                      ("random", "on", True), ("const", "off", False)])
-def test_local_target_planes_are_cached_only_where_exact(gen, nets, noise_mode, cache, cached):
-    """guide.md §3.5/§7: with random backbone noise P_s(w_t) gets a fresh draw every step, so the
+def test_local_target_planes_are_cached_only_where_exact(gen, nets, noise_mode, cache, cached, generator_pair):
+    """docs/guide.md §3.5/§7: with random backbone noise P_s(w_t) gets a fresh draw every step, so the
     fast step caches it only under constant noise (or when told to)."""
     cfg = _cfg(noise_mode=noise_mode, cache_target_planes=cache)
     w_u = latents_from_seeds(gen, [8])
-    fast, _, g_s, _ = _session_parts(gen, nets, cfg, w_u, FastStep)
+    fast, _, g_s, _ = _session_parts(generator_pair, gen, nets, cfg, w_u, FastStep)
     assert fast.cache_target is cached
     assert (fast.passes[0].planes_target is not None) is cached
     sizes = []
@@ -417,3 +419,25 @@ def test_config_rejects_values_that_would_silently_change_guide(gen, nets):
     assert session.g_s.upsample_conv == session.g_u.upsample_conv == gen.upsample_conv
     with pytest.raises(InputError, match="finished"):
         session.step()
+
+
+def test_a_given_execution_plan_is_the_one_the_run_uses(gen, nets):
+    """Unlearner(plan=...) runs that plan and writes its choices into the config; without one,
+    the config's engine fields are resolved once (UnlearnConfig.execution_plan)."""
+    id_loss, lpips = nets
+    plan = ExecutionPlan.reference("cpu")
+    unl = Unlearner(gen, id_loss, lpips, _cfg(iterations=1), plan=plan)
+    assert (unl.config.path, unl.config.renderer, unl.config.upsample_conv) == ("reference", "reference", "reference")
+    session = unl.prepare(seeds=[3])
+    assert session.plan is plan and isinstance(session.stepper, ReferenceStep)
+    assert session.g_u.upsample_conv == "reference" and not session.use_graph
+    session.step()
+    res = session.finish(render=False)
+    assert res.timings["plan"] == plan.to_dict() and res.timings["path"] == "reference"
+    auto = Unlearner(gen, id_loss, lpips, _cfg()).execution_plan()
+    assert auto == ExecutionPlan.resolve("cpu") == _cfg().execution_plan("cpu")
+    assert (auto.renderer, auto.precision, auto.upsample_conv, auto.cuda_graph) == ("reference", "fp32", "folded", False)
+    with pytest.raises(InputError, match="ExecutionPlan"):
+        Unlearner(gen, id_loss, lpips, _cfg(), plan="fast")
+    with pytest.raises(InputError, match="generator is on cpu"):
+        Unlearner(gen, id_loss, lpips, _cfg(), plan=ExecutionPlan.resolve("cuda"))

@@ -347,8 +347,9 @@ def gradient_bytes(trainable_numel: int, n_identities: int, world_size: int) -> 
 def prepare_sharded(unlearner, ctx: DistContext, latents=None, seeds=None, images=None, invert_kwargs=None):
     """Unlearner.prepare inside a process group: rank 0 resolves the identities (seeds, a
     latents tensor or photos; the other ranks' arguments are ignored) and broadcasts the W+
-    latents; every rank then builds its session over its shard (engine.UnlearnSession)."""
-    from .engine import UnlearnSession
+    latents; every rank then builds its session over its shard (engine.UnlearnSession, reached
+    through the Unlearner so that this module does not import the engine that imports it)."""
+    UnlearnSession = unlearner.session_class
 
     device = next(unlearner.generator.parameters()).device
     w = inversion = None

@@ -18,9 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .. import cameras
 from ..errors import GuideFastError, InputError
-from ..evaluation.views import view_yaws as evaluation_view_yaws
 from ..plan import ExecutionPlan
 
 if TYPE_CHECKING:
@@ -29,67 +27,15 @@ if TYPE_CHECKING:
 
     from ..eg3d.generator import TriPlaneGenerator
 from ..losslog import LossLog
-from ..seeds import identity_z
 from .config import UnlearnConfig
 from .steps import LOSS_NAMES, FastStep, ReferenceStep, sample_draws
 from .streams import IdentityStreams
 from .targets import target_latent
+from .views import latents_from_seeds, render_views, view_yaws  # noqa: F401 (public here too)
 
 
 class UnlearnError(GuideFastError):
     """The optimisation itself failed (e.g. the loss became non-finite)."""
-
-
-def latents_from_seeds(gen: "TriPlaneGenerator", seeds: int | list[int], truncation_psi: float = 1.0,
-                       fov_degrees: float = 18.837, lookat=(0, 0, 0), radius: float = 2.7) -> torch.Tensor:
-    """z ~ N(0, I) from each seed, drawn as GUIDE's unlearn.py draws it (guide_fast/seeds.py: the
-    camera sampler's four draws first, then z, on the generator's device), mapped with the
-    frontal conditioning camera (docs/guide.md §3.3, Random scenario). On CUDA this is the
-    official latent of `--seed N`; on the CPU a deterministic one that cannot equal it (CPU and
-    CUDA random streams differ), so a seed's identity depends on the device type."""
-    if isinstance(seeds, int):
-        seeds = [seeds]
-    seeds = list(seeds)
-    if not seeds:
-        raise InputError("seeds is empty: need at least one identity (N = 0)")
-    for s in seeds:
-        if not isinstance(s, int) or isinstance(s, bool):
-            raise InputError(f"seeds must be integers, got {s!r}")
-    device = next(gen.parameters()).device
-    z = torch.stack([identity_z(s, gen.config.z_dim, device) for s in seeds])
-    c = cameras.frontal_label(len(seeds), fov_degrees=fov_degrees, lookat=lookat, radius=radius, device=device)
-    with torch.no_grad():
-        return gen.mapping(z, c, truncation_psi=truncation_psi)
-
-
-def view_yaws(cfg: UnlearnConfig) -> list[float]:
-    """docs/guide.md §3.6: the evaluation views (defined in evaluation/views.py), cfg.eval_views
-    of them over ±cfg.yaw_range at pitch cfg.pitch."""
-    return evaluation_view_yaws(cfg.yaw_range, cfg.eval_views)
-
-
-@torch.no_grad()
-def render_views(gen: "TriPlaneGenerator", ws: torch.Tensor, cfg: UnlearnConfig, chunk: int = 4,
-                 seed: int = 1234) -> torch.Tensor:
-    """Renders [N, V, 3, H, W] (fp32, [-1,1]) of each latent from the evaluation yaws, constant
-    noise and fixed renderer draws, so before/after renders differ only by the weights."""
-    from ..render import make_render_draws
-
-    device = ws.device
-    yaws = torch.tensor(view_yaws(cfg), dtype=torch.float32)
-    cams = cameras.pose_label(yaws, cfg.pitch, fov_degrees=cfg.fov_degrees, lookat=cfg.lookat, radius=cfg.radius).to(device)
-    rays = gen.neural_rendering_resolution ** 2
-    out = []
-    for i in range(ws.shape[0]):
-        imgs = []
-        for start in range(0, len(yaws), chunk):
-            c = cams[start:start + chunk]
-            g = torch.Generator(device=device).manual_seed(seed + start)
-            draws = make_render_draws(c.shape[0], rays, gen.render_options, device, g)
-            w = ws[i:i + 1].expand(c.shape[0], -1, -1)
-            imgs.append(gen.synthesis(w, c, noise_mode="const", render_draws=draws)["image"].float().cpu())
-        out.append(torch.cat(imgs))
-    return torch.stack(out)
 
 
 def generator_pair(source: "TriPlaneGenerator", plan: ExecutionPlan | None = None
@@ -157,6 +103,11 @@ class UnlearnSession:
         fast = self.plan.path == "fast"
         self.finished = False
         self.use_graph = self.plan.cuda_graph  # turned off if the capture fails (then eager, said so)
+        # Inductor's own CUDA graphs (compile_mode "reduce-overhead") do not nest inside the engine's
+        # capture of the whole step: one or the other (guide_fast/compiled.py)
+        self.inductor_graphs = self.plan.compile and cfg.compile_mode == "reduce-overhead"
+        if self.inductor_graphs:
+            self.use_graph = False
         self.g_u, self.g_s = generator_pair(source, self.plan)
         id_loss = unlearner.id_loss.to(self.device).eval().requires_grad_(False)
         lpips = unlearner.lpips.to(self.device).eval().requires_grad_(False)
@@ -188,6 +139,15 @@ class UnlearnSession:
                                 **extra)
         self.layout = self.stepper.layout
         self.n = n_total
+        # torch.compile of the step's networks (a no-op report when the plan's compile is off);
+        # installed after the stepper so its one-off cached target planes run eagerly
+        from ..compiled import compile_step
+
+        self._loss_nets = (id_loss, lpips)
+        self.compile_report = compile_step(
+            self.g_u, self.g_s, id_loss, lpips, self.plan, mode=cfg.compile_mode,
+            layout_key=(self.layout.n, self.layout.use_local, self.layout.k_adj, self.layout.k_glob,
+                        cfg.identities_per_pass, cfg.noise_passes))
         self.reducer = None
         if dist is not None:
             from .distributed import GradientReducer
@@ -272,19 +232,12 @@ class UnlearnSession:
                 warnings.warn(f"CUDA graph capture failed ({self.timings['graph_error']}); continuing with eager steps")
                 torch.cuda.synchronize(self.device)
         try:
-            if self.graph is not None:
-                self.graph.replay()
-                if self.reducer is not None:
-                    self.reducer.all_reduce(f"step {self.steps_done + 1}")
-                    self._graph_update.replay()
-            elif self.use_graph:
-                # warm-up steps run on a side stream before capture, as CUDA graphs require
-                self._stream.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(self._stream):
-                    self._step_and_log()
-                torch.cuda.current_stream(self.device).wait_stream(self._stream)
-            else:
-                self._step_and_log()
+            try:
+                self._run_step()
+            except Exception as exc:
+                if not self._compile_fallback(exc):
+                    raise
+                self._run_step()  # the same step again, eagerly (its draws are fresh ones)
         except Exception as exc:
             from .distributed import DistributedError
 
@@ -294,6 +247,44 @@ class UnlearnSession:
         self.steps_done += 1
         if self.reducer is not None and self.dist.world_size > 1:
             self.reducer.check_status(self.steps_done)
+
+    def _run_step(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            if self.reducer is not None:
+                self.reducer.all_reduce(f"step {self.steps_done + 1}")
+                self._graph_update.replay()
+        elif self.use_graph:
+            # warm-up steps run on a side stream before capture, as CUDA graphs require
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._stream):
+                self._step_and_log()
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        else:
+            self._step_and_log()
+
+    def compiled_modules(self) -> list:
+        from ..compiled import step_modules
+
+        return [m for _, m in step_modules(self.g_u, self.g_s, *self._loss_nets)]
+
+    def _compile_fallback(self, exc: Exception) -> bool:
+        """A step failed with compiled networks before capture (e.g. the lazily compiled backward):
+        every compiled module goes back to eager, the reason is recorded, and the step is retried."""
+        from ..compiled import fail_all, is_compiled
+
+        if (not self.plan.compile or self.graph is not None or isinstance(exc, GuideFastError)
+                or getattr(self, "_compile_failed", False) or not any(is_compiled(m) for m in self.compiled_modules())):
+            return False
+        self._compile_failed = True
+        fail_all(self.compiled_modules(), exc)
+        self.timings["compile_error"] = self.compile_report.error_text()
+        self.optimizer_zero()
+        self.synchronize()
+        return True
+
+    def optimizer_zero(self) -> None:
+        self.stepper.optimizer.zero_grad(set_to_none=not self.stepper.static_grads)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -323,12 +314,16 @@ class UnlearnSession:
         self.synchronize()
         t0 = time.perf_counter()
         first = None
+        warm = []  # wall time of the warm-up steps (compilation happens in them)
         try:
             while self.steps_done < cfg.iterations:
+                ts = time.perf_counter()
                 self.step()
-                if first is None:
+                if first is None or len(warm) < cfg.warmup_steps:
                     self.synchronize()
-                    first = time.perf_counter() - t0
+                    warm.append(time.perf_counter() - ts)
+                    if first is None:
+                        first = time.perf_counter() - t0
                 if self.steps_done % cfg.log_every == 0 or self.steps_done == cfg.iterations or not self.use_graph:
                     new = self.read_losses()
                     if new and progress:
@@ -346,6 +341,13 @@ class UnlearnSession:
             loop_s=loop, iterations=cfg.iterations, first_step_s=first or 0.0,
             steady_step_ms=1e3 * (loop - (first or 0.0) - self.timings.get("capture_s", 0.0)) / max(cfg.iterations - 1, 1),
         )
+        if self.plan.compile:
+            # compile time, never hidden: the warm-up steps' wall time beyond as many steady steps
+            # (first calls of the compiled forwards are in compile["first_call_s"])
+            steady = self.timings["steady_step_ms"] / 1e3
+            self.timings["compile_s"] = max(0.0, sum(warm) - len(warm) * steady)
+        else:
+            self.timings["compile_s"] = 0.0
         if self.device.type == "cuda":
             self.timings["peak_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         return self
@@ -353,6 +355,9 @@ class UnlearnSession:
     def finish(self, render: bool = True) -> UnlearnResult:
         self.finished = True  # the parameters change layout below: a captured graph must not replay again
         source = self.unlearner.generator
+        from ..compiled import uninstall_all
+
+        uninstall_all(self.compiled_modules())  # plain modules again (the process keeps the graphs)
         # G_u goes back to the source generator's operators and plain layouts (the delta and the
         # checkpoint store those); G_s likewise, so that before/after renders differ only by the weights.
         for g in (self.g_u, self.g_s):
@@ -368,6 +373,10 @@ class UnlearnSession:
             # the plan's fields flat (as before) and whole; cuda_graph says whether capture really ran
             timings={**self.timings, **self.plan.to_dict(), "plan": self.plan.to_dict(), "cuda_graph": self.use_graph,
                      "cached_target_planes": getattr(self.stepper, "cache_target", False),
+                     "noise_passes": self.config.noise_passes if self.plan.path == "fast" else "separate",
+                     "compile_mode": self.config.compile_mode if self.plan.compile else None,
+                     "inductor_graphs": self.inductor_graphs, "compile": self.compile_report.to_dict(),
+                     "compile_error": self.compile_report.error_text(),
                      "world_size": self.dist.world_size if self.dist is not None else 1},
         )
         if self.dist is not None:
@@ -396,6 +405,8 @@ class Unlearner:
     fields, `UnlearnConfig.execution_plan`). A given plan replaces those fields of the config, so
     the report's config and plan agree.
     """
+
+    session_class = UnlearnSession  # what prepare() builds (distributed.prepare_sharded too)
 
     def __init__(self, generator, id_loss, lpips, config: UnlearnConfig | None = None, process_group=None, *,
                  plan: ExecutionPlan | None = None, w_avg=None):

@@ -59,7 +59,7 @@ class RunPictures:
 def held_out_latents(result, seeds=HELD_OUT_SEEDS):
     """(seeds, W+ latents) of identities that were not unlearned: fixed seeds mapped as the
     run maps `--seed` identities; a seed whose latent equals an unlearned one is skipped."""
-    from .engine import latents_from_seeds
+    from .views import latents_from_seeds
 
     cfg = result.config
     if not seeds:
@@ -121,7 +121,7 @@ def identity_to_source(scorer, renders: dict, held_out: dict | None, held_out_se
 def prepare_pictures(result, scorer=None, held_out_seeds=HELD_OUT_SEEDS, random_weights: bool = False) -> RunPictures:
     """Render the held-out identities with G_s and G_u (the engine's evaluation views and
     draws) and score identities when a scorer is given."""
-    from .engine import render_views
+    from .views import render_views
 
     pics = RunPictures(random_weights=bool(random_weights))
     if result.renders is None:
@@ -177,7 +177,7 @@ def grid_rows(result, pictures: RunPictures) -> list:
 
 
 def grid_figure(result, pictures: RunPictures) -> np.ndarray:
-    from .engine import view_yaws
+    from .views import view_yaws
 
     plt = _pyplot()
     rows = grid_rows(result, pictures)
