@@ -81,3 +81,47 @@ def test_graph_sessions_use_capturable_adam():
     g_s, g_u = step.g_s, step.g_u
     capt = FastStep(g_u, g_s, step.id_loss, step.lpips, cfg, step.w_u, step.w_t, capturable=True)
     assert capt.optimizer.defaults["capturable"] is True and capt.optimizer.defaults["foreach"] is True
+
+
+def test_compiled_step_is_capture_safe(monkeypatch):
+    """The compiled step (ExecutionPlan.compile, guide_fast/compiled.py) under the same rules: the
+    graphs AOTAutograd hands to Inductor (forward and backward) hold none of the forbidden ops,
+    Dynamo does not split the compiled networks (a graph break is where a host sync would hide;
+    the backbone noise comes from a tape, not a torch.Generator), and what runs outside the
+    graphs passes the dispatch check above."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.utils import counters
+
+    from guide_fast import compiled
+
+    seen = {"graphs": 0, "bad": []}
+
+    def check(gm, example_inputs):
+        seen["graphs"] += 1
+        seen["bad"] += [f"{n.target}: {FORBIDDEN[n.target]}" for n in gm.graph.nodes if n.target in FORBIDDEN]
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=check, bw_compiler=check)
+    compiled.clear_process_cache()
+    monkeypatch.setattr(compiled, "DEFAULT_BACKEND", backend)
+    counters.clear()
+    gen = build_generator("tiny", seed=0)
+    cfg = UnlearnConfig(iterations=3, seed=0, noise_mode="random", compile="on")
+    session = Unlearner(gen, IdentityLoss(SmallFaceNet()), LPIPS.random(0), cfg).prepare(seeds=[1, 2])
+    session.step()  # compiles forward and backward graphs
+    assert session.compile_report.ok, session.compile_report.errors
+    assert seen["graphs"] >= 8, "the checking backend did not see the compiled graphs"
+    assert not seen["bad"], "\n".join(sorted(set(seen["bad"])))
+    breaks = dict(counters["graph_break"])
+    assert not breaks, f"graph breaks in the compiled networks: {list(breaks)[:3]}"
+    optimizer_step = session.stepper.optimizer.step
+    session.stepper.optimizer.step = lambda *a, **k: None
+    checker = CaptureChecker()
+    try:
+        with checker:
+            session._step_and_log()
+    finally:
+        session.stepper.optimizer.step = optimizer_step
+    assert not checker.violations, "\n".join(sorted(set(checker.violations)))
+    compiled.clear_process_cache()

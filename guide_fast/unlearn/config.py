@@ -70,6 +70,18 @@ class UnlearnConfig:
     # draws fresh noise for P_s(w_t) every step (docs/guide.md §3.5, §7), so "auto" recomputes it, and
     # "on" freezes one noise draw for the whole run (one backbone pass per identity cheaper).
     cache_target_planes: str = "auto"
+    # fast path: torch.compile (Inductor) of the backbone synthesis, super-resolution, LPIPS and the
+    # identity network (guide_fast/compiled.py): "auto" (the plan's choice: off until measured
+    # faster, docs/performance.md), "on" or "off"; compile_mode: "default" (composes with the
+    # engine's own CUDA-graph capture), "reduce-overhead" (Inductor's CUDA graphs instead of the
+    # engine's capture) or "max-autotune-no-cudagraphs"
+    compile: str = "auto"
+    compile_mode: str = "default"
+    # fast path: "shared" = one backbone pass per latent serves the tri-plane MSE and the image (one
+    # noise draw for both; the same expected gradient, another variance); "separate" = the official
+    # structure: the MSE's tri-planes come from their own backbone passes with independent noise
+    # (docs/guide.md §3.5). The reference path is always "separate".
+    noise_passes: str = "shared"
     warmup_steps: int = 2              # eager steps before capture (they are real steps)
     identities_per_pass: int = 4       # fast path: identities per forward/backward (0 = all); bounds memory
     log_every: int = 25                # how often (steps) device-side losses are read back
@@ -79,6 +91,8 @@ class UnlearnConfig:
     def __post_init__(self):
         self.betas = tuple(self.betas)
         self.lookat = tuple(float(x) for x in self.lookat)
+        if isinstance(self.compile, bool):
+            self.compile = "on" if self.compile else "off"
         self.validate()
 
     def validate(self) -> None:
@@ -98,6 +112,13 @@ class UnlearnConfig:
                 raise InputError(f"unknown {name} {value!r}; expected one of {', '.join(repr(a) for a in allowed)}")
         if not isinstance(self.cuda_graph, bool):
             raise InputError(f"cuda_graph must be True or False, got {self.cuda_graph!r}")
+        if self.compile not in ("auto", "on", "off"):
+            raise InputError(f"unknown compile {self.compile!r}; expected 'auto', 'on' or 'off'")
+        from ..compiled import check_mode
+
+        check_mode(self.compile_mode)
+        if self.noise_passes not in ("shared", "separate"):
+            raise InputError(f"unknown noise_passes {self.noise_passes!r}; expected 'shared' or 'separate'")
         if self.cache_target_planes not in ("auto", "on", "off"):
             raise InputError(f"unknown cache_target_planes {self.cache_target_planes!r}; expected 'auto', 'on' or 'off'")
         if self.noise_mode not in ("random", "const", "none"):
@@ -134,13 +155,13 @@ class UnlearnConfig:
         cuda_graph=True means "capture where the plan can", i.e. the fast path on CUDA."""
         return ExecutionPlan.resolve(device, path=self.path, renderer=self.renderer, precision=self.precision,
                                      memory_format=self.memory_format, upsample_conv=self.upsample_conv,
-                                     cuda_graph="auto" if self.cuda_graph else False)
+                                     cuda_graph="auto" if self.cuda_graph else False, compile=self.compile)
 
     def with_plan(self, plan: ExecutionPlan) -> "UnlearnConfig":
         """A copy whose engine fields are those of `plan` (resolved: no "auto" left)."""
         return replace(self, path=plan.path, renderer=plan.renderer, precision=plan.precision,
                        upsample_conv=plan.upsample_conv, memory_format=plan.memory_format,
-                       cuda_graph=plan.cuda_graph)
+                       cuda_graph=plan.cuda_graph, compile="on" if plan.compile else "off")
 
     @property
     def k_adj(self) -> int:

@@ -5,8 +5,10 @@ separate backbone passes for the tri-plane MSE and the image. The oracle and the
 
 `FastStep`: the same maths restructured: every trainable render of the step in one batched
 call and every frozen one in another; tri-planes computed once per latent and reused for the
-MSE (one noise draw serves the MSE and the image of a latent: each term still sees a correctly
-distributed draw, so the expected gradient is GUIDE's); the local target's frozen tri-planes
+MSE (noise_passes="shared", the default: one noise draw serves the MSE and the image of a latent;
+each term still sees a correctly distributed draw, so the expected gradient is GUIDE's, with
+another variance; "separate" runs the MSE's own backbone passes with independent noise, as the
+official code); the local target's frozen tri-planes
 computed once per run where that is exact (constant noise; UnlearnConfig.cache_target_planes);
 bf16 autocast on CUDA (losses,
 master weights and Adam state stay fp32); the fused renderer; all random draws made on the
@@ -328,6 +330,7 @@ class FastStep(_StepBase):
         self.optimizer = torch.optim.Adam(self.params, **opt_kwargs)
         n = self.layout.n
         per = n if identities_per_pass <= 0 else min(identities_per_pass, n)
+        self.separate = cfg.noise_passes == "separate"
         self.cache_target = cfg.use_local and (cfg.cache_target_planes == "on" or (
             cfg.cache_target_planes == "auto" and cfg.noise_mode != "random"))
         self.passes = []
@@ -343,6 +346,30 @@ class FastStep(_StepBase):
                     planes_t = self.g_s.planes(w_t, noise_mode=cfg.noise_mode, validate=False).float()
             index = torch.tensor(self.layout.entry_indices(a, b), dtype=torch.long, device=self.device)
             self.passes.append(_Pass(a, index, lay, w_u, w_t, planes_t, lay.identity_index(self.device), *self.weights(lay)))
+
+    def _backbone(self, gen, ws, draws: StepDraws, layout: Layout) -> torch.Tensor:
+        """One backbone pass over the entries of `layout` (ws in its order): each identity's noise
+        from its own stream (streams.py); under compile, drawn onto a tape first (compiled.NoiseTape)."""
+        source = None
+        if self.cfg.noise_mode == "random":
+            if draws.generators is not None:
+                from .streams import IdentityNoise
+
+                source = IdentityNoise(draws.generators, layout, self.device)
+            if self.plan.compile:
+                from ..compiled import NoiseTape
+
+                source = NoiseTape.draw(source, gen.backbone.synthesis, ws.shape[0], self.device)
+        return gen.planes(ws, noise_mode=self.cfg.noise_mode, generator=source, validate=False)
+
+    def _frozen_planes(self, ws, draws: StepDraws, layout: Layout, planes_target, cached: int) -> torch.Tensor:
+        """G_s's tri-planes (fp32) of the entries of `layout`; the first `cached` (the local
+        entries) from the per-run cache."""
+        if cached >= layout.total:
+            return planes_target
+        rest = Layout(layout.n, False, layout.k_adj, layout.k_glob) if cached else layout
+        new = self._backbone(self.g_s, ws[cached:], draws, rest).float()
+        return torch.cat([planes_target, new]) if cached else new
 
     def _autocast(self):
         # cache_enabled=False: cached weight casts must not leak out of a captured graph
@@ -376,33 +403,29 @@ class FastStep(_StepBase):
             w_u_all, w_s_all = self.latents(draws, part)
             cams = step_cameras(cfg, draws.yaw).index_select(0, part.entry_identity)
         cached = lay.n_local if part.planes_target is not None else 0
-        noise_u = noise_s = None
-        if draws.generators is not None and cfg.noise_mode == "random":
-            from .streams import IdentityNoise
-
-            # each identity's backbone noise from its own stream (streams.py)
-            noise_u = IdentityNoise(draws.generators, lay, self.device)
-            noise_s = noise_u if not cached else IdentityNoise(
-                draws.generators, Layout(lay.n, False, lay.k_adj, lay.k_glob), self.device)
+        m = lay.n_unlearn
         with self._autocast():
             with nvtx_range("backbone"):
-                planes_u = self.g_u.planes(w_u_all, noise_mode=cfg.noise_mode, generator=noise_u, validate=False)
+                if self.separate and m:
+                    # noise_passes="separate": the MSE's tri-planes from their own backbone passes,
+                    # with noise drawn independently of the image's (docs/guide.md §3.5, as the official code)
+                    mse_lay = Layout(lay.n, lay.use_local, lay.k_adj, 0)
+                    mse_u = self._backbone(self.g_u, w_u_all[:m], draws, mse_lay)
+                    with torch.no_grad():
+                        mse_s = self._frozen_planes(w_s_all[:m], draws, mse_lay, part.planes_target, cached)
+                planes_u = self._backbone(self.g_u, w_u_all, draws, lay)
                 with torch.no_grad():
-                    if cached < lay.total:
-                        new = self.g_s.planes(w_s_all[cached:], noise_mode=cfg.noise_mode, generator=noise_s,
-                                              validate=False).float()
-                        planes_s = torch.cat([part.planes_target, new]) if cached else new
-                    else:
-                        planes_s = part.planes_target
+                    planes_s = self._frozen_planes(w_s_all, draws, lay, part.planes_target, cached)
+                if not (self.separate and m):
+                    mse_u, mse_s = planes_u[:m], planes_s[:m]
             with nvtx_range("synthesis"):
                 img_u = self._render(self.g_u, w_u_all, cams, planes_u, draws.render_u)
                 with torch.no_grad():
                     img_s = self._render(self.g_s, w_s_all, cams, planes_s, draws.render_s)
-            m = lay.n_unlearn
             entry = img_u.new_zeros(lay.total, dtype=torch.float32)
             if m:
                 # tri-plane MSE per entry: F.mse_loss's mean over all elements (docs/guide.md §3.5(a))
-                mse = (planes_u[:m].float() - planes_s[:m]).square().flatten(1).mean(1)
+                mse = (mse_u.float() - mse_s).square().flatten(1).mean(1)
                 entry = entry + F.pad(part.mse_w * mse, (0, lay.total - m))
             with nvtx_range("lpips"):
                 entry = entry + part.lp_w * self.lpips(img_u, img_s).float().reshape(-1)
