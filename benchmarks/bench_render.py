@@ -131,10 +131,21 @@ def _timed_row(what, path, batch, dtype_name, fn, device, repeats, extra=""):
     return common.make_row(BENCH, what, path=path, shape=shape, dtype=dtype_name, extra=msg, device=device), None
 
 
+def _chosen_configs() -> str:
+    """The autotuner's latest choices (kernels/triplane_render.py TUNING_LOG), briefly."""
+    from guide_fast.kernels import triplane_render as k
+
+    if not k.autotune_enabled():
+        return "default (autotune off)"
+    return ", ".join(f"{key[0]}:{v['chosen'][0]}x{v['chosen'][1]}" if v["chosen"] else f"{key[0]}:default"
+                     for key, v in list(k.TUNING_LOG.items())[-2:]) or "default"
+
+
 def timing_rows(device, quick: bool, sweep: bool) -> list[dict]:
     rows = []
     repeats = 5 if quick else 15
-    for dtype, dtype_name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+    dtypes = [(torch.float32, "fp32"), (torch.bfloat16, "bf16")] + ([] if quick else [(torch.float16, "fp16")])
+    for dtype, dtype_name in dtypes:
         for batch in (1, 5):
             planes, decoder, origins, dirs, opts, draws = _inputs(batch, dtype, device, seed=batch)
             g = torch.Generator(device="cpu").manual_seed(7)
@@ -167,12 +178,28 @@ def timing_rows(device, quick: bool, sweep: bool) -> list[dict]:
                                          f"{per_image / FLOOR_MS[0]:.1f}x (analytic floor 0.2-0.5 ms/image)")
                         else:
                             extra.append("planes grad only (decoder frozen)")
+                        extra.append(f"launch={_chosen_configs()}")
                     if extra:
                         row["extra"] = "; ".join(filter(None, [row["extra"]] + extra))
                     rows.append(row)
             del planes, leaf, draws
             gc.collect()
             torch.cuda.empty_cache()
+    # the autotuned fused rows above against the default launch config (GUIDE_FAST_RENDER_AUTOTUNE=0)
+    planes, decoder, origins, dirs, opts, draws = _inputs(5, torch.bfloat16, device, seed=5)
+    leaf = planes.detach().clone().requires_grad_(True)
+    os.environ["GUIDE_FAST_RENDER_AUTOTUNE"] = "0"
+    try:
+        def fwd_bwd_default():
+            leaf.grad = None
+            outs = _render("triton", leaf, decoder, origins, dirs, opts, draws)
+            sum(o.sum() for o in outs).backward()
+
+        row, _ = _timed_row("forward+backward", "fused (default launch config, no autotune)", 5, "bf16",
+                            fwd_bwd_default, device, repeats)
+        rows.append(row)
+    finally:
+        os.environ.pop("GUIDE_FAST_RENDER_AUTOTUNE", None)
     if sweep:
         # block rays x warps x pipeline stages, through the launcher's environment overrides
         planes, decoder, origins, dirs, opts, draws = _inputs(1, torch.float32, device, seed=3)

@@ -9,7 +9,21 @@ CPU (tiny preset): the same comparison; the ratio there is what batching and cac
 give (no bf16, no fused kernel, no graph).
 
 The loss networks have random weights: speed does not depend on the weight values.
+
+Three rows head the results (issue 12, "time what a user runs"), at paper settings (1000 steps,
+default noise and caching, `--seed` identity, random weights in the FFHQ 512/128 layout):
+  (a) "loop": the 1000-step loop of a warm `Unlearner.unlearn` (UnlearnSession.run's loop_s);
+  (b) "cold process": `python -m guide_fast unlearn ... --random-nets` in a subprocess, from
+      process start to written outputs (loading, compile and warm-up, capture, 1000 steps, final
+      renders, report, checkpoint and delta writes);
+  (c) "warm service": a second `Unlearner.unlearn` in the same process (after a short warm-up
+      run of the same layout), start of the call to its result.
+Every step row reports achieved TFLOP/s against docs/performance.md §2's 7.4 TFLOP per step and
+identity (FFHQ preset; the tiny preset has no such count). Then the per-step micro-benchmarks:
+reference vs fast, compile on/off (--compile-ablation), noise_passes shared/separate
+(--noise-ablation), operator variants, N identities.
     python -m benchmarks.bench_unlearn [--quick] [--budget-s 240] [--ablations all|operators|none]
+    python -m benchmarks.bench_unlearn --smoke        # CPU, tiny preset, seconds: every code path once
 """
 from __future__ import annotations
 
@@ -19,7 +33,26 @@ import traceback
 
 import torch
 
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 from benchmarks.common import make_row, peak_memory_mb, reset_peak, write_rows
+
+# docs/performance.md §2: work per GUIDE step and identity at the FFHQ 512/128 settings
+TFLOP_PER_STEP = {"ffhq512-128": 7.4}
+PEAK_BF16_TFLOPS = 790.0  # docs/performance.md §3: a large bf16 GEMM on an H100/H200
+
+
+def tflops(preset: str, step_ms: float, n: int = 1) -> str:
+    """'achieved_tflops=X (Y% of the 790 TFLOP/s bf16 peak)' for a step of n identities, or ''."""
+    work = TFLOP_PER_STEP.get(preset)
+    if work is None or not step_ms or step_ms != step_ms:
+        return ""
+    rate = work * n / (step_ms / 1e3)
+    return f"achieved_tflops={rate:.1f} ({100 * rate / PEAK_BF16_TFLOPS:.1f}% of {PEAK_BF16_TFLOPS:.0f} bf16 peak)"
 
 
 def build(preset: str, device):
@@ -62,7 +95,43 @@ def time_steps(nets, cfg_kwargs, seeds, steps: int, device) -> dict:
         "renderer": session.renderer, "precision": session.precision, "graph": session.use_graph,
         "upsample_conv": session.upsample_conv, "memory_format": session.memory_format,
         "cached_target_planes": getattr(session.stepper, "cache_target", False),
+        "noise_passes": cfg.noise_passes, "compile": session.plan.compile,
+        "compile_error": session.compile_report.error_text(),
     }
+
+
+def cold_process(preset: str, seed: int, iters: int, device, flags: list, timeout_s: float) -> dict:
+    """Row (b): `python -m guide_fast unlearn` in a fresh process, start to written outputs."""
+    out = Path(tempfile.mkdtemp(prefix="guide_fast_cold_")) / "run"
+    cmd = [sys.executable, "-m", "guide_fast", "unlearn", "--generator", preset, "--random-nets", "--seed", str(seed),
+           "--iters", str(iters), "--out", str(out), "--no-progress", "--device", str(device), *flags]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=dict(os.environ))
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"exit {proc.returncode}: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+    import json
+
+    report = json.loads((out / "report.json").read_text())
+    written = sorted(p.name for p in out.iterdir())
+    return {"wall_s": wall, "timings": report.get("timings", {}), "written": written}
+
+
+def headline(nets, preset: str, device, seed: int, iters: int, cfg_kwargs: dict, warm_iters: int = 3) -> dict:
+    """Rows (a) and (c): a short run of the same layout warms the service (compiled graphs,
+    cuDNN plans, allocator), then a second `Unlearner.unlearn` at paper settings is timed whole."""
+    from guide_fast.unlearn.config import UnlearnConfig
+    from guide_fast.unlearn.engine import Unlearner
+
+    gen, id_loss, lpips = nets
+    Unlearner(gen, id_loss, lpips, UnlearnConfig(**dict(cfg_kwargs, iterations=warm_iters))).unlearn(
+        seeds=[seed], render=False)
+    reset_peak(device)
+    t0 = time.perf_counter()
+    res = Unlearner(gen, id_loss, lpips, UnlearnConfig(**dict(cfg_kwargs, iterations=iters))).unlearn(seeds=[seed])
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "timings": res.timings, "peak_mb": peak_memory_mb(device),
+            "final_total": res.losses[-1]["total"] if res.losses else float("nan")}
 
 
 def main(argv=None) -> int:
@@ -71,32 +140,61 @@ def main(argv=None) -> int:
     ap.add_argument("--identities", default=None, help="comma list of N (default 1,4,16 on GPU, 1,4 on CPU)")
     ap.add_argument("--ref-steps", type=int, default=None)
     ap.add_argument("--fast-steps", type=int, default=None)
-    ap.add_argument("--budget-s", type=float, default=240.0, help="wall-clock budget; the full run is skipped if it would not fit")
-    ap.add_argument("--full-run", choices=["auto", "yes", "no"], default="auto")
+    ap.add_argument("--budget-s", type=float, default=240.0,
+                    help="wall-clock budget; parts that would not fit are written as NOT RUN rows")
+    ap.add_argument("--iters", type=int, default=1000, help="steps of the headline runs (paper: 1000)")
+    ap.add_argument("--seed", type=int, default=0, help="the identity of the headline runs (--seed of the CLI)")
+    ap.add_argument("--headline", choices=["auto", "yes", "no"], default="auto",
+                    help="the three headline rows (auto: on a GPU, and in --smoke)")
+    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                    help="the headline runs' compile setting (auto: the execution plan's default)")
+    ap.add_argument("--compile-ablation", choices=["auto", "yes", "no"], default="auto",
+                    help="fast step with compile on (and reduce-overhead on a GPU) besides the default")
+    ap.add_argument("--noise-ablation", choices=["auto", "yes", "no"], default="auto",
+                    help="fast step with noise_passes='separate' besides the default 'shared'")
+    ap.add_argument("--micro", choices=["yes", "no"], default="yes", help="the per-step micro-benchmarks")
+    ap.add_argument("--full-run", choices=["auto", "yes", "no"], default="no",
+                    help="the former in-process 1000-step row (the headline rows replace it)")
     ap.add_argument("--ablations", choices=["operators", "all", "none"], default="all",
                     help="GPU: which single-identity variants to time besides the default fast step: 'operators' "
                          "(channels_last, unfolded up-convs), 'all' (also no graph, reference renderer)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CPU smoke run: tiny preset, 2-step headline runs, one step per row, every part once")
     args = ap.parse_args(argv)
 
     start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
+    if args.smoke:
+        # Inductor's C++ compile of the whole step takes minutes on a small CPU: the smoke run's
+        # compile row traces and differentiates the same graphs and runs them eagerly (aot_eager)
+        if not gpu:
+            os.environ.setdefault("GUIDE_FAST_COMPILE_BACKEND", "aot_eager")
+        args.preset, args.iters = "tiny", min(args.iters, 2)
+        args.identities = args.identities or "1"
+        args.ref_steps, args.fast_steps = args.ref_steps or 1, args.fast_steps or 1
+        args.ablations = "none"
     preset = args.preset if args.preset != "auto" else ("ffhq512-128" if gpu else "tiny")
     ns = [int(x) for x in (args.identities or ("1,4,16" if gpu else "1,4")).split(",")]
     ref_steps = args.ref_steps or (2 if args.quick else 4)
     fast_steps = args.fast_steps or ((5 if args.quick else 20) if gpu else (2 if args.quick else 4))
+    on = lambda flag: flag == "yes" or (flag == "auto" and (gpu or args.smoke))  # noqa: E731
     if gpu:
         torch.backends.cudnn.benchmark = True
     nets = build(preset, device)
     results = {}
+
+    def left() -> float:
+        return args.budget_s - (time.perf_counter() - start)
 
     def emit(row):  # written at once: a suite stopped at its time limit keeps what ran
         write_rows([row])
 
     def describe(res):
         return (f"upsample_conv={res['upsample_conv']}; memory_format={res['memory_format']}; "
-                f"cached_target_planes={res['cached_target_planes']}")
+                f"cached_target_planes={res['cached_target_planes']}; noise_passes={res.get('noise_passes', 'shared')}; "
+                f"compile={res.get('compile', False)}")
 
     def record(what, path, n, dtype, res=None, extra="", error=None):
         shape = f"N={n} {preset}"
@@ -106,11 +204,87 @@ def main(argv=None) -> int:
         ex = f"setup_s={res['setup_s']:.2f}; renderer={res['renderer']}; graph={res['graph']}"
         if res.get("capture_s"):
             ex += f"; capture_s={res['capture_s']:.2f}"
-        ex += f"; per_identity_ms={res['timing']['median_ms'] / n:.1f}" + (f"; {extra}" if extra else "")
+        if res.get("compile_error"):
+            ex += f"; compile_error={res['compile_error'][:120]}"
+        ex += f"; per_identity_ms={res['timing']['median_ms'] / n:.1f}"
+        rate = tflops(preset, res["timing"]["median_ms"], n)
+        ex += (f"; {rate}" if rate else "") + (f"; {extra}" if extra else "")
         emit(make_row("unlearn", what, path=path, shape=shape, dtype=dtype, timing=res["timing"],
-                             peak_mb=res["peak_mb"], extra=ex, device=device))
+                      peak_mb=res["peak_mb"], extra=ex, device=device))
+
+    fast_dtype = "bf16" if gpu else "fp32"
+    graph = "+graph" if gpu else ""
+    base = dict(seed=0)
+    fast = dict(base, path="fast")
+
+    # ---- the three headline rows: what a user runs ------------------------------------------------
+    if on(args.headline):
+        head_cfg = dict(fast, compile=args.compile)
+        flags = ["--compile", args.compile]
+        shape = f"N=1 {preset}, {args.iters} steps, --seed {args.seed}"
+        est_s = 3.0 * args.iters * (0.15 if gpu else 1.0) + 60  # both runs; skip only what clearly cannot fit
+        if args.smoke or est_s < left():
+            try:
+                cold = cold_process(preset, args.seed, args.iters, device.type, flags, timeout_s=max(60.0, left()))
+                t = cold["timings"]
+                emit(make_row(
+                    "unlearn", "(b) cold process: guide-fast unlearn, start to written outputs", path="fast",
+                    shape=shape, dtype=fast_dtype, timing={"median_ms": cold["wall_s"] * 1e3},
+                    extra=(f"wall_s={cold['wall_s']:.1f}; loop_s={t.get('loop_s', float('nan')):.1f}; "
+                           f"setup_s={t.get('setup_s', 0):.1f}; compile_s={t.get('compile_s', 0):.1f}; "
+                           f"capture_s={t.get('capture_s', 0):.1f}; render_s={t.get('render_s', 0):.1f}; "
+                           f"total_s={t.get('total_s', 0):.1f}; compile_error={t.get('compile_error')}; "
+                           f"written={','.join(cold['written'])}; "
+                           f"target_60s={'met' if cold['wall_s'] <= 60 else 'not met'}"),
+                    device=device))
+            except Exception as exc:
+                traceback.print_exc()
+                emit(make_row("unlearn", "(b) cold process: guide-fast unlearn, start to written outputs",
+                              path="fast", shape=shape, dtype=fast_dtype,
+                              extra=f"ERROR: {type(exc).__name__}: {exc}"[:300], device=device))
+            try:
+                warm = headline(nets, preset, device, args.seed, args.iters, head_cfg)
+                t = warm["timings"]
+                step_ms = t.get("steady_step_ms", float("nan"))
+                rate = tflops(preset, step_ms)
+                common = (f"steady_step_ms={step_ms:.1f}; first_step_s={t.get('first_step_s', 0):.2f}; "
+                          f"capture_s={t.get('capture_s', 0):.2f}; compile_s={t.get('compile_s', 0):.2f}; "
+                          f"compile={t.get('compile', {}).get('modules') != []}; cuda_graph={t.get('cuda_graph')}; "
+                          f"noise_passes={t.get('noise_passes')}; final_total_loss={warm['final_total']:.4f}"
+                          + (f"; {rate}" if rate else ""))
+                emit(make_row("unlearn", "(a) loop: 1000-step loop alone (warm process)" if args.iters == 1000 else
+                              f"(a) loop: {args.iters}-step loop alone (warm process)", path="fast" + graph,
+                              shape=shape, dtype=fast_dtype, timing={"median_ms": t["loop_s"] * 1e3},
+                              peak_mb=warm["peak_mb"],
+                              extra=f"loop_s={t['loop_s']:.1f}; {common}; "
+                                    f"target_30s={'met' if t['loop_s'] <= 30 else 'not met'}", device=device))
+                emit(make_row("unlearn", "(c) warm service: second Unlearner.unlearn in one process", path="fast" + graph,
+                              shape=shape, dtype=fast_dtype, timing={"median_ms": warm["wall_s"] * 1e3},
+                              peak_mb=warm["peak_mb"],
+                              extra=(f"wall_s={warm['wall_s']:.1f}; setup_s={t.get('setup_s', 0):.1f}; "
+                                     f"loop_s={t['loop_s']:.1f}; render_s={t.get('render_s', 0):.1f}; "
+                                     f"reused_graphs={len(t.get('compile', {}).get('reused_from_process_cache', []))}; "
+                                     f"{common}; target_30s={'met' if warm['wall_s'] <= 30 else 'not met'}"),
+                              device=device))
+            except Exception as exc:
+                traceback.print_exc()
+                emit(make_row("unlearn", "(a)/(c) warm-process runs", path="fast", shape=shape, dtype=fast_dtype,
+                              extra=f"ERROR: {type(exc).__name__}: {exc}"[:300], device=device))
+            finally:
+                if gpu:
+                    torch.cuda.empty_cache()
+        else:
+            emit(make_row("unlearn", "(a)(b)(c) headline runs", path="fast", shape=shape, dtype=fast_dtype,
+                          extra=f"NOT RUN (time budget: {left():.0f} s left, about {est_s:.0f} s needed)", device=device))
+
+    # ---- per-step micro-benchmarks ----------------------------------------------------------------
+    if args.micro == "no":
+        return 0
 
     def run(key, what, path, n, cfg_kwargs, steps, dtype):
+        if left() < 15 and not args.smoke:
+            record(what, path, n, dtype, error=f"NOT RUN (time budget: {left():.0f} s left)")
+            return
         try:
             res = time_steps(nets, cfg_kwargs, list(range(n)), steps, device)
             results[key] = res
@@ -126,15 +300,19 @@ def main(argv=None) -> int:
             if gpu:
                 torch.cuda.empty_cache()
 
-    base = dict(seed=0)
     run(("reference", 1), "step", "reference", 1, dict(base, path="reference", precision="fp32", renderer="reference"),
         ref_steps, "fp32")
-    fast_dtype = "bf16" if gpu else "fp32"
-    graph = "+graph" if gpu else ""
-    fast = dict(base, path="fast")
     run(("fast", 1), "step", "fast" + graph, 1, fast, fast_steps, fast_dtype)
+    if on(args.compile_ablation):
+        run(("fast-compiled", 1), "step", f"fast{graph}+compile", 1, dict(fast, compile="on"), fast_steps, fast_dtype)
+        if gpu:  # Inductor's own CUDA graphs instead of the engine's capture
+            run(("fast-compiled-ro", 1), "step", "fast+compile (reduce-overhead)", 1,
+                dict(fast, compile="on", compile_mode="reduce-overhead"), fast_steps, fast_dtype)
+    if on(args.noise_ablation):
+        run(("fast-separate", 1), "step", f"fast{graph} (noise_passes separate)", 1,
+            dict(fast, noise_passes="separate"), fast_steps, fast_dtype)
     # Single-identity operator variants, timed in the same process: the fastest one runs the
-    # 1000-step run and the N sweep (its settings are written in those rows).
+    # N sweep (its settings are written in those rows).
     variants = {"fast": fast}
     if gpu and args.ablations != "none":
         variants["fast-channels-last"] = dict(fast, memory_format="channels_last")
@@ -145,39 +323,20 @@ def main(argv=None) -> int:
     best_key = min(timed, key=lambda k: results[(k, 1)]["timing"]["median_ms"]) if timed else "fast"
     best = variants[best_key]
 
-    # A full paper-settings run (1000 steps, one identity) if the budget allows it.
-    fast1 = results.get((best_key, 1))
-    left = args.budget_s - (time.perf_counter() - start)
-    want_full = args.full_run == "yes" or (args.full_run == "auto" and gpu and fast1 is not None
-                                           and fast1["timing"]["median_ms"] * 1000 / 1e3 + 30 < left)
-    if want_full:
+    if args.full_run == "yes":
         from guide_fast.unlearn.config import UnlearnConfig
         from guide_fast.unlearn.engine import Unlearner
 
-        try:
-            gen, id_loss, lpips = nets
-            reset_peak(device)
-            t0 = time.perf_counter()
-            res = Unlearner(gen, id_loss, lpips, UnlearnConfig(**best)).unlearn(seeds=[0], render=False)
-            wall = time.perf_counter() - t0
-            t = res.timings
-            emit(make_row(
-                "unlearn", "full run (1000 steps, 1 identity)", path="fast", shape=f"N=1 {preset}", dtype=fast_dtype,
-                timing={"median_ms": wall * 1e3}, peak_mb=peak_memory_mb(device),
-                extra=(f"wall_s={wall:.1f}; loop_s={t['loop_s']:.1f}; setup_s={t['setup_s']:.1f}; "
-                       f"capture_s={t.get('capture_s', 0):.1f}; steady_step_ms={t['steady_step_ms']:.1f}; "
-                       f"final_total_loss={res.losses[-1]['total']:.4f}; {describe(t)}; "
-                       f"target_30s={'met' if wall <= 30 else 'not met'}"),
-                device=device))
-        except Exception as exc:
-            traceback.print_exc()
-            emit(make_row("unlearn", "full run (1000 steps, 1 identity)", path="fast", shape=f"N=1 {preset}",
-                                 dtype=fast_dtype, extra=f"ERROR: {type(exc).__name__}: {exc}"[:300], device=device))
-    elif gpu:
-        est = fast1["timing"]["median_ms"] if fast1 else float("nan")
-        emit(make_row("unlearn", "full run (1000 steps, 1 identity)", path="fast", shape=f"N=1 {preset}",
-                             dtype=fast_dtype, extra=f"NOT RUN (time budget); estimate from the step time: "
-                                                     f"{est:.1f} s + setup", device=device))
+        gen, id_loss, lpips = nets
+        reset_peak(device)
+        t0 = time.perf_counter()
+        res = Unlearner(gen, id_loss, lpips, UnlearnConfig(**best)).unlearn(seeds=[0], render=False)
+        wall = time.perf_counter() - t0
+        t = res.timings
+        emit(make_row("unlearn", "full run (1000 steps, 1 identity, no renders)", path="fast", shape=f"N=1 {preset}",
+                      dtype=fast_dtype, timing={"median_ms": wall * 1e3}, peak_mb=peak_memory_mb(device),
+                      extra=f"wall_s={wall:.1f}; loop_s={t['loop_s']:.1f}; steady_step_ms={t['steady_step_ms']:.1f}; "
+                            f"{describe(t)}", device=device))
     for n in ns:
         if n != 1:
             run(("fast", n), "step", "fast" + graph, n, best, fast_steps, fast_dtype)

@@ -2,6 +2,15 @@
 # The GPU suite: GPU parity tests, then every benchmark, in at most about 8 minutes on one H100/H200.
 # Writes everything under $OUT (the device tool's output folder) or the folder given as $1.
 #   GUIDE_FAST_COMMIT=$(git rev-parse --short=12 HEAD) bash benchmarks/gpu_suite.sh /tmp/gpu_out
+# From the device tool (one call, about 8 minutes; carry .whl):
+#   run(command="GUIDE_FAST_COMMIT=$(git rev-parse --short=12 HEAD) bash benchmarks/gpu_suite.sh", timeout_s=560,
+#       carry=[".whl"])
+# Time budget: SUITE_BUDGET_S (default 480 s) for the whole suite; each part has its own budget
+# (below, in seconds) and is cut to what is left; a part that cannot start with 20 s left is
+# skipped and said so in suite.log. Order = priority: the issue-12 headline rows first
+# (unlearn-headline: (b) cold process, then (a) loop and (c) warm service, ~300 s at today's
+# ~122 ms/step), then the per-step rows (reference, fast, compile on/off, reduce-overhead, noise
+# shared/separate), evaluation at 5000 pairs (compile off/on), the renderer, the tests.
 # The GPU machine lacks facenet-pytorch, lpips and nvtx: they travel as wheels in .whl/ (git-ignored;
 # carry it), made here with:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -9,7 +18,7 @@
 #     -d .whl facenet-pytorch==2.6.0 lpips==0.1.4 nvtx
 # and installed with --no-deps into /tmp/site. The project is installed editable, offline, without deps.
 # GPU_SUITE_PARTS picks and orders the parts (default: all of them, in the order below):
-#   engine-tests unlearn render-tests render identity-tests identity eval distributed ncu
+#   engine-tests unlearn render-tests render identity-tests identity eval goae distributed ncu
 # e.g. GPU_SUITE_PARTS="engine-tests unlearn render" for the engine's checks first. Unlearn's
 # budget: UNLEARN_BUDGET_S (default 115 s; the 1000-step run needs about step_ms s + 30 s of it);
 # UNLEARN_ARGS adds flags (e.g. "--ablations operators").
@@ -44,28 +53,45 @@ import torch, triton, guide_fast, guide_fast.kernels
 print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name())
 PY
 
-PARTS=${GPU_SUITE_PARTS:-engine-tests unlearn render-tests render identity-tests identity eval distributed ncu}
+PARTS=${GPU_SUITE_PARTS:-unlearn-headline unlearn-micro eval render engine-tests render-tests goae distributed identity identity-tests ncu}
+SUITE_BUDGET_S=${SUITE_BUDGET_S:-480}
+# Inductor's on-disk cache in a fixed folder: the cold process and the warm runs share it
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/guide_fast_inductor}
+budget() {  # part budget -> seconds to give it (0: skip)
+  local want=$1 left=$(( SUITE_BUDGET_S - ($(date +%s) - t0) ))
+  if (( left < 20 )); then echo 0; elif (( want > left )); then echo "$left"; else echo "$want"; fi
+}
 
 run_tests() {  # name, timeout, test files...
-  local name=$1 limit=$2; shift 2
-  step "GPU tests: $name"
+  local name=$1 limit; limit=$(budget "$2"); shift 2
+  if (( limit == 0 )); then echo "SKIPPED (suite budget spent): tests $name"; status=1; return; fi
+  step "GPU tests: $name (budget ${limit}s)"
   timeout "$limit" $PY -m pytest -q -rs --durations=8 -p no:cacheprovider "$@" 2>&1 | tee "$LOGS/pytest_$name.log" \
     || { echo "($name tests failed or timed out)"; status=1; }
 }
 run_bench() {  # name, timeout, args...
-  local name=$1 limit=$2; shift 2
-  step "benchmark $name"
+  local name=$1 limit; limit=$(budget "$2"); shift 2
+  if (( limit == 0 )); then echo "SKIPPED (suite budget spent): benchmark $name $*"; status=1; return; fi
+  step "benchmark $name $* (budget ${limit}s)"
   timeout "$limit" $PY -m "benchmarks.$name" "$@" 2>&1 | tee "$LOGS/$name.log" || { echo "($name exited non-zero or timed out)"; status=1; }
 }
 for part in $PARTS; do
   case $part in
-    engine-tests) run_tests engine 150 tests/test_gpu_engine.py ;;
+    # (b) cold process, (a) loop, (c) warm service at paper settings (--compile: HEADLINE_COMPILE, default auto)
+    unlearn-headline) run_bench bench_unlearn 330 --budget-s 320 --headline yes --micro no \
+                        --compile "${HEADLINE_COMPILE:-auto}" ;;
+    # per-step rows: reference, fast, fast+compile (default and reduce-overhead), noise separate, N=4
+    unlearn-micro) run_bench bench_unlearn 200 --budget-s 190 --headline no --identities 1,4 --ablations none \
+                     --compile-ablation yes --noise-ablation yes --quick ${UNLEARN_ARGS:-} ;;
     unlearn) run_bench bench_unlearn $(( ${UNLEARN_BUDGET_S:-115} + 30 )) --budget-s "${UNLEARN_BUDGET_S:-115}" ${UNLEARN_ARGS:-} ;;
-    render-tests) run_tests render 120 tests/test_kernel_render.py ;;
-    render) run_bench bench_render 60 --quick ;;
+    engine-tests) run_tests engine 120 -x tests/test_gpu_engine.py ;;
+    render-tests) run_tests render 90 tests/test_kernel_render.py ;;
+    render) run_bench bench_render 45 --quick ;;
     identity-tests) run_tests identity 90 tests/test_identity_scorer.py tests/test_perceptual.py ;;
     identity) run_bench bench_identity 40 --quick ;;
-    eval) run_bench bench_eval 40 --quick ;;
+    # the real 5000-pair FID_pre + ID over 11 views, compile off and on (bench_eval --full-run)
+    eval) run_bench bench_eval 150 --full-run --compile-ablation --budget-s 140 ;;
+    goae) run_tests goae 60 tests/test_goae.py -k cuda; run_bench bench_goae 45 --quick --budget-s 30 ;;
     # one card: K = 1 per-identity step time, one-process vs the sharded engine in an NCCL world
     # of one, and the all-reduce of the FFHQ gradients with world size 1 (not a scaling figure)
     distributed) run_bench bench_distributed 150 --quick ;;
@@ -74,7 +100,7 @@ for part in $PARTS; do
         step "Nsight Compute: one fused render kernel"
         timeout 40 bash profiling/ncu_render.sh "$LOGS/ncu" 2>&1 | tail -40 | tee "$LOGS/ncu.log" || echo "(ncu step failed or timed out)"
       fi ;;
-    *) echo "unknown GPU_SUITE_PARTS entry: $part (known: engine-tests unlearn render-tests render identity-tests identity eval distributed ncu)"; status=1 ;;
+    *) echo "unknown GPU_SUITE_PARTS entry: $part (known: unlearn-headline unlearn-micro unlearn engine-tests render-tests render identity-tests identity eval goae distributed ncu)"; status=1 ;;
   esac
 done
 

@@ -485,7 +485,8 @@ def _pow2(x: int, floor: int) -> int:
 
 
 def _launch_config(n_rays: int, block_rays: int | None = None) -> dict:
-    """Block size, warps and pipeline stages: ONE config, chosen from the problem size (no autotuning).
+    """Block size, warps and pipeline stages: the default config, chosen from the problem size
+    (on a GPU `_tuned_config` times a few others once per problem and may replace BLOCK_R / num_warps).
 
     num_stages=1: Triton's software pipeliner would stage every gather load of the sample
     loops in shared memory, num_stages deep (~120 KB at 32 rays), leaving one program per SM.
@@ -512,6 +513,56 @@ def _launch_config(n_rays: int, block_rays: int | None = None) -> dict:
     if env.get("GUIDE_FAST_RENDER_MAXNREG") and not INTERPRETED:
         cfg["maxnreg"] = int(env["GUIDE_FAST_RENDER_MAXNREG"])  # caps registers to fit more programs per SM
     return cfg
+
+
+# --------------------------------------------------------------------------- autotuning
+# On a GPU, (BLOCK_R, num_warps) is timed over a few candidates once per problem (sizes, plane
+# dtype, which gradients) and the fastest kept for the process: triton.autotune itself cannot be
+# used as the grid and the depth-bounds scratch depend on BLOCK_R, and the backward accumulates
+# with atomics (each timing launch would add to the gradients). Off in the interpreter (CPU tests
+# stay fast and deterministic), under an explicit block/warps choice, inside a CUDA-graph capture
+# (a capture replays the cached choice, or the default before any), and with
+# GUIDE_FAST_RENDER_AUTOTUNE=0. A candidate that fails to compile (registers, shared memory) is
+# skipped; if all fail, the default config is used. TUNING_LOG says what was measured.
+# few candidates: each is one more Triton compile of a large kernel in a cold process (the Triton
+# disk cache keeps them for the next one); the batch size is left out of the key, so one tuning
+# serves every batch of a problem size
+TUNE_CANDIDATES = ((16, 4), (16, 2), (32, 4))
+TUNING_LOG: dict = {}
+_tuned: dict = {}
+
+
+def autotune_enabled(block_rays: int | None = None) -> bool:
+    env = os.environ
+    if INTERPRETED or block_rays is not None or env.get("GUIDE_FAST_RENDER_AUTOTUNE", "1") == "0":
+        return False
+    return not (env.get("GUIDE_FAST_RENDER_BLOCK") or env.get("GUIDE_FAST_RENDER_WARPS"))
+
+
+def _tuned_config(kind: str, key: tuple, n_rays: int, block_rays: int | None, launch) -> tuple[dict, bool]:
+    """-> (launch config, whether candidates were launched now). launch(cfg) runs the kernel once."""
+    cfg = _launch_config(n_rays, block_rays)
+    if not autotune_enabled(block_rays):
+        return cfg, False
+    k = (kind,) + tuple(key)
+    if k in _tuned:
+        return dict(cfg, **_tuned[k]), False
+    if torch.cuda.is_current_stream_capturing():
+        return cfg, False
+    from triton.testing import do_bench
+
+    times = {}
+    for br, warps in TUNE_CANDIDATES:
+        cand = dict(cfg, BLOCK_R=br, num_warps=warps)
+        try:
+            times[(br, warps)] = do_bench(lambda c=cand: launch(c), warmup=3, rep=15)
+        except Exception as exc:  # e.g. out of registers / shared memory for this block size
+            times[(br, warps)] = f"{type(exc).__name__}"
+    measured = {c: t for c, t in times.items() if isinstance(t, float)}
+    best = min(measured, key=measured.get) if measured else None
+    _tuned[k] = {"BLOCK_R": best[0], "num_warps": best[1]} if best else {}
+    TUNING_LOG[k] = {"ms": {f"{b}x{w}": t for (b, w), t in times.items()}, "chosen": best}
+    return dict(cfg, **_tuned[k]), True
 
 
 def _launch_options(cfg: dict) -> dict:
@@ -556,9 +607,6 @@ def render_forward(planes_cl: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, 
     hid = w0.shape[0]
     f = w1.shape[0] - 1
     s, s_imp = opts.depth_resolution, opts.depth_resolution_importance
-    cfg = _launch_config(r, block_rays)
-    br = cfg["BLOCK_R"]
-    n_rblocks = triton.cdiv(r, br)
     dev = planes_cl.device
     features = _new_buffer((n, r, f), dev)
     depth = _new_buffer((n, r, 1), dev)
@@ -566,18 +614,28 @@ def render_forward(planes_cl: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, 
     depth_sum = _new_buffer((n, r), dev)
     # a zero-size buffer has no valid pointer; with S_imp = 0 nothing touches it anyway
     fine = _new_buffer((n, r, max(s_imp, 1)), dev)
-    part_bounds = _new_buffer((n * n_rblocks, 2), dev)
     bounds = _new_buffer((2,), dev)
     sc = _scalars(opts)
-    _triplane_render_forward_kernel[(n_rblocks, n)](
-        planes_cl, w0, b0, w1, b1, ray_origins, ray_directions, stratified, importance,
-        features, weight_sum, depth_sum, fine, part_bounds,
-        r, ph, pw, c, hid, f, s, s_imp,
-        sc["ray_start"], sc["ray_end"], sc["jitter"], sc["coord_scale"], sc["white_back"],
-        S_PAD=_pow2(s, 16), SI_PAD=_pow2(s_imp, 16), C_PAD=_pow2(c, 16), HID_PAD=_pow2(hid, 16),
-        F_PAD=_pow2(f, 16), BLOCK_R=br, DOT_PRECISION=_dot_precision(planes_cl.dtype),
-        **_launch_options(cfg),
-    )
+
+    def launch(cfg, part_bounds=None):
+        br = cfg["BLOCK_R"]
+        if part_bounds is None:
+            part_bounds = _new_buffer((n * triton.cdiv(r, br), 2), dev)
+        _triplane_render_forward_kernel[(triton.cdiv(r, br), n)](
+            planes_cl, w0, b0, w1, b1, ray_origins, ray_directions, stratified, importance,
+            features, weight_sum, depth_sum, fine, part_bounds,
+            r, ph, pw, c, hid, f, s, s_imp,
+            sc["ray_start"], sc["ray_end"], sc["jitter"], sc["coord_scale"], sc["white_back"],
+            S_PAD=_pow2(s, 16), SI_PAD=_pow2(s_imp, 16), C_PAD=_pow2(c, 16), HID_PAD=_pow2(hid, 16),
+            F_PAD=_pow2(f, 16), BLOCK_R=br, DOT_PRECISION=_dot_precision(planes_cl.dtype),
+            **_launch_options(cfg),
+        )
+        return part_bounds
+
+    key = (r, ph, pw, c, hid, f, s, s_imp, str(planes_cl.dtype))
+    cfg, _ = _tuned_config("forward", key, r, block_rays, launch)
+    n_rblocks = triton.cdiv(r, cfg["BLOCK_R"])
+    part_bounds = launch(cfg, _new_buffer((n * n_rblocks, 2), dev))
     _depth_finalize_kernel[(triton.cdiv(n * r, _FINALIZE_BLOCK),)](
         weight_sum, depth_sum, part_bounds, depth, bounds, n * r, n * n_rblocks,
         BLOCK=_FINALIZE_BLOCK, PART_BLOCK=1024, num_warps=4,
@@ -597,8 +655,6 @@ def render_backward(planes_cl: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor,
     hid = w0.shape[0]
     f = w1.shape[0] - 1
     s, s_imp = opts.depth_resolution, opts.depth_resolution_importance
-    cfg = _launch_config(r, block_rays)
-    br = cfg["BLOCK_R"]
     dev = planes_cl.device
     # Accumulated with atomics, so they start at zero (never poisoned).
     g_planes = torch.zeros(planes_cl.shape if need_planes_grad else (1,), dtype=torch.float32, device=dev)
@@ -607,18 +663,28 @@ def render_backward(planes_cl: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor,
     if s_imp == 0:
         fine = torch.zeros((1,), dtype=torch.float32, device=dev)
     sc = _scalars(opts)
-    _triplane_render_backward_kernel[(triton.cdiv(r, br), n)](
-        planes_cl, w0, b0, w1, b1, ray_origins, ray_directions, stratified, fine,
-        features, weight_sum, depth_sum, bounds,
-        g_features, g_depth, g_weight_sum,
-        g_planes, *g_dec,
-        r, ph, pw, c, hid, f, s, s_imp,
-        sc["ray_start"], sc["ray_end"], sc["jitter"], sc["coord_scale"], sc["white_back"],
-        C_PAD=_pow2(c, 16), HID_PAD=_pow2(hid, 16), F_PAD=_pow2(f, 16),
-        BLOCK_R=br, DOT_PRECISION=_dot_precision(planes_cl.dtype),
-        NEED_PGRAD=bool(need_planes_grad), NEED_WGRAD=bool(need_decoder_grad),
-        **_launch_options(cfg),
-    )
+
+    def launch(cfg):
+        br = cfg["BLOCK_R"]
+        _triplane_render_backward_kernel[(triton.cdiv(r, br), n)](
+            planes_cl, w0, b0, w1, b1, ray_origins, ray_directions, stratified, fine,
+            features, weight_sum, depth_sum, bounds,
+            g_features, g_depth, g_weight_sum,
+            g_planes, *g_dec,
+            r, ph, pw, c, hid, f, s, s_imp,
+            sc["ray_start"], sc["ray_end"], sc["jitter"], sc["coord_scale"], sc["white_back"],
+            C_PAD=_pow2(c, 16), HID_PAD=_pow2(hid, 16), F_PAD=_pow2(f, 16),
+            BLOCK_R=br, DOT_PRECISION=_dot_precision(planes_cl.dtype),
+            NEED_PGRAD=bool(need_planes_grad), NEED_WGRAD=bool(need_decoder_grad),
+            **_launch_options(cfg),
+        )
+
+    key = (r, ph, pw, c, hid, f, s, s_imp, str(planes_cl.dtype), bool(need_planes_grad), bool(need_decoder_grad))
+    cfg, tuned_now = _tuned_config("backward", key, r, block_rays, launch)
+    if tuned_now:  # the timing launches accumulated into the gradients: start again from zero
+        for t in (g_planes, *g_dec):
+            t.zero_()
+    launch(cfg)
     return (g_planes if need_planes_grad else None), (tuple(g_dec) if need_decoder_grad else None)
 
 

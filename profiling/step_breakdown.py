@@ -102,6 +102,9 @@ def main(argv=None) -> int:
     ap.add_argument("--identities", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--no-ab", action="store_true", help="skip the memory-format A/B")
+    ap.add_argument("--compile", choices=["on", "off"], default="off",
+                    help="profile the compiled step (guide_fast/compiled.py): which kernels Inductor left unfused")
+    ap.add_argument("--noise-passes", choices=["shared", "separate"], default="shared")
     args = ap.parse_args(argv)
     import guide_fast.profiling as prof
     from guide_fast import UnlearnConfig, Unlearner
@@ -115,7 +118,8 @@ def main(argv=None) -> int:
     gen = build_generator(args.preset, seed=0, device=dev)
     id_loss = IdentityLoss(build_backbone("ir_se50", seed=0)).to(dev)
     lpips = LPIPS.random(0).to(dev)
-    cfg = UnlearnConfig(iterations=10**6, cuda_graph=False, log_every=10**9)
+    cfg = UnlearnConfig(iterations=10**6, cuda_graph=False, log_every=10**9, compile=args.compile,
+                        noise_passes=args.noise_passes)
     session = Unlearner(gen, id_loss, lpips, cfg).prepare(seeds=list(range(args.identities)))
     for _ in range(3):
         session.step()
