@@ -45,3 +45,36 @@ def test_summary_and_plots_are_written(tmp_path):
     if plots:  # matplotlib installed
         assert plots[0].name == "plot_render.png" and plots[0].stat().st_size > 1000
         assert "![plot_render.png](plot_render.png)" in text
+
+
+def test_bench_unlearn_smoke_writes_the_headline_and_step_rows(tmp_path, monkeypatch):
+    """`bench_unlearn --smoke` on the CPU: the three headline rows (cold subprocess, warm loop,
+    warm service), then the step rows incl. compile on and noise_passes separate."""
+    import csv
+
+    from benchmarks import bench_unlearn, common
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setenv("GUIDE_FAST_COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    assert bench_unlearn.main(["--smoke"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    whats = [(r["what"], r["path"]) for r in rows]
+    errors = [r["extra"] for r in rows if r["extra"].startswith(("ERROR", "NOT RUN"))]
+    assert not errors, errors
+    assert [w for w, _ in whats[:3]] == ["(b) cold process: guide-fast unlearn, start to written outputs",
+                                         "(a) loop: 2-step loop alone (warm process)",
+                                         "(c) warm service: second Unlearner.unlearn in one process"]
+    assert "report.json" in rows[0]["extra"] and float(rows[0]["median_ms"]) > 0
+    paths = [p for _, p in whats[3:]]
+    assert paths == ["reference", "fast", "fast+compile", "fast (noise_passes separate)"]
+    assert "compile=True" in rows[5]["extra"] and "noise_passes=separate" in rows[6]["extra"]
+    assert all(r["device"] and r["commit"] for r in rows)
+
+
+def test_tflops_against_the_step_count():
+    from benchmarks.bench_unlearn import tflops
+
+    assert tflops("ffhq512-128", 1000.0).startswith("achieved_tflops=7.4 (0.9% of 790")
+    assert tflops("ffhq512-128", 100.0, n=2).startswith("achieved_tflops=148.0")
+    assert tflops("tiny", 10.0) == ""

@@ -62,6 +62,10 @@ def add_commands(sub) -> None:
                    help="tr sqrt(S1 S2): scipy sqrtm as GUIDE, eigh (faster), gram (exact, for <= 2048 samples); auto picks")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="renders in fp32 as GUIDE (default) or under bf16 autocast on CUDA (faster, not GUIDE's numerics)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="torch.compile (Inductor) of the generators' backbone synthesis and super-resolution "
+                        "(auto: the execution plan's choice, off until measured faster); a failure falls back to "
+                        "eager and eval.json's notes say why")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: the run directory, or ./eval_out); "
                    "a new or empty one, see --overwrite")
@@ -183,7 +187,7 @@ def _evaluate(args) -> int:
     # the renders' execution: the chosen renderer, fp32 (GUIDE's numerics) unless --precision bf16;
     # the official operators and no graph capture (evaluation renders each batch once)
     plan = ExecutionPlan.resolve(device, path="fast", renderer=args.renderer, precision=args.precision,
-                                 upsample_conv="reference", cuda_graph=False, compile=False)
+                                 upsample_conv="reference", cuda_graph=False, compile=args.compile)
     renderer = plan.renderer
     notes: list[str] = []
     if args.run:
@@ -238,6 +242,15 @@ def _evaluate(args) -> int:
         _, gen_u, w_u, _ = _load_run(Path(d), renderer, device, notes)
         diversity.append((gen_u, w_u))
 
+    if plan.compile:  # the CLI's own generator objects: compiled in place (guide_fast/compiled.py)
+        from ..compiled import compile_generators
+
+        compiled_report = compile_generators([source, unlearned] + [g for g, _ in diversity],
+                                             key=("evaluate", batch_size))
+        notes.append(f"torch.compile ({compiled_report.backend}, mode {compiled_report.mode}) of "
+                     f"{len(compiled_report.modules)} generator modules; Inductor cache {compiled_report.cache_dir}")
+        if compiled_report.errors:
+            notes.append(f"compile failed, eager instead: {compiled_report.error_text()}")
     if in_run:
         earlier = [name for name in EVAL_FILES if (out / name).exists()]
         if earlier and not args.overwrite:
