@@ -57,6 +57,27 @@ def _draws(step, cfg, seed=0):
                         render=(step.rays, step.g_u.render_options))
 
 
+def assert_same_adam_update(name, a, b, grad_rtol=3e-4):
+    """Two runs of one step on the same draws give the same update.
+
+    The gradients must agree to `grad_rtol` of the tensor's largest gradient (fp32 summation
+    order differs between batched and per-term evaluation; scalar noise strengths sum a whole
+    feature map and show the largest relative rounding, ~1e-4). The Adam step itself is compared
+    only where the gradient is well above that rounding: Adam's first step is lr * g / (|g| + eps),
+    so a gradient at rounding level (|g| ~ 1e-7 * max, larger than eps) can flip sign and move
+    the weight by up to 2 * lr in either run; that is rounding, not a different step."""
+    ga, gb = a.grad, b.grad
+    assert (ga is None) == (gb is None), f"{name}: gradient in one run only"
+    if gb is None:
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+        return
+    scale = float(gb.abs().max())
+    torch.testing.assert_close(ga, gb, rtol=0, atol=grad_rtol * scale + 1e-12, msg=lambda m: f"{name} grad: {m}")
+    stable = gb.abs() > 30 * grad_rtol * scale
+    # one Adam step moves each weight by about lr*sign(grad): compare at lr/10
+    torch.testing.assert_close(a[stable], b[stable], rtol=0, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 def test_ufo_target_formula():
     torch.manual_seed(0)
     w_u = torch.randn(3, 8, 16)
@@ -150,8 +171,7 @@ def test_fast_step_equals_reference_step_on_the_same_draws(gen, nets, generator_
     changed = 0
     for (name, pf), (_, pr) in zip(g_fast.named_parameters(), g_ref.named_parameters()):
         if name.startswith("backbone.synthesis."):
-            # one Adam step moves each weight by about lr*sign(grad): compare at lr/10
-            torch.testing.assert_close(pf, pr, rtol=0, atol=1e-5, msg=name)
+            assert_same_adam_update(name, pf, pr)
             changed += int(not torch.equal(pf, before[name]))
         else:
             assert torch.equal(pf, before[name]) and torch.equal(pr, before[name]), f"{name} must stay frozen"
@@ -332,7 +352,7 @@ def test_identities_split_into_passes_give_the_same_update(gen, nets, generator_
     torch.testing.assert_close(v0, v1, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(p0, p1, rtol=1e-4, atol=1e-5)
     for (name, a), (_, b) in zip(steps[0][1].named_parameters(), steps[1][1].named_parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+        assert_same_adam_update(name, a, b)
 
 
 def test_fast_path_operator_choices_give_the_same_step(gen, nets, generator_pair):
