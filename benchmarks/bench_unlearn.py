@@ -148,8 +148,9 @@ def main(argv=None) -> int:
                     help="the three headline rows (auto: on a GPU, and in --smoke)")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                     help="the headline runs' compile setting (auto: the execution plan's default)")
-    ap.add_argument("--compile-ablation", choices=["auto", "yes", "no"], default="auto",
-                    help="fast step with compile on (and reduce-overhead on a GPU) besides the default")
+    ap.add_argument("--compile-ablation", choices=["auto", "yes", "all", "no"], default="auto",
+                    help="fast step with compile on besides the default; 'all' (and 'auto' on a GPU) also "
+                         "Inductor's reduce-overhead mode (its CUDA graphs instead of the engine's capture)")
     ap.add_argument("--noise-ablation", choices=["auto", "yes", "no"], default="auto",
                     help="fast step with noise_passes='separate' besides the default 'shared'")
     ap.add_argument("--micro", choices=["yes", "no"], default="yes", help="the per-step micro-benchmarks")
@@ -306,7 +307,7 @@ def main(argv=None) -> int:
     run(("fast", 1), "step", "fast" + graph, 1, fast, fast_steps, fast_dtype)
     if on(args.compile_ablation):
         run(("fast-compiled", 1), "step", f"fast{graph}+compile", 1, dict(fast, compile="on"), fast_steps, fast_dtype)
-        if gpu:  # Inductor's own CUDA graphs instead of the engine's capture
+        if gpu and args.compile_ablation in ("auto", "all"):  # Inductor's own CUDA graphs instead of the engine's capture
             run(("fast-compiled-ro", 1), "step", "fast+compile (reduce-overhead)", 1,
                 dict(fast, compile="on", compile_mode="reduce-overhead"), fast_steps, fast_dtype)
     if on(args.noise_ablation):
