@@ -19,11 +19,13 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl facenet-pytorch==2.6.0 lpips==0.1.4 nvtx
 # and installed with --no-deps into /tmp/site. The project is installed editable, offline, without deps.
-# GPU_SUITE_PARTS picks and orders the parts (default: all of them, in the order below):
-#   engine-tests unlearn render-tests render identity-tests identity eval goae distributed ncu
-# e.g. GPU_SUITE_PARTS="engine-tests unlearn render" for the engine's checks first. Unlearn's
-# budget: UNLEARN_BUDGET_S (default 115 s; the 1000-step run needs about step_ms s + 30 s of it);
-# UNLEARN_ARGS adds flags (e.g. "--ablations operators").
+# GPU_SUITE_PARTS picks and orders the parts (default, in this order):
+#   unlearn-headline eval unlearn-micro render engine-tests render-tests goae distributed identity identity-tests ncu
+# optional: unlearn (the former all-in-one bench_unlearn run; UNLEARN_BUDGET_S, default 115 s) and
+# profile (step breakdown of the compiled step). HEADLINE_COMPILE=on|off|auto sets the headline
+# runs' --compile; COMPILE_ABLATION=all adds the reduce-overhead row; UNLEARN_ARGS adds flags to the
+# per-step rows. A second call for what the first skipped, e.g.
+#   GPU_SUITE_PARTS="unlearn-micro render engine-tests render-tests" bash benchmarks/gpu_suite.sh
 # The device tool returns at most 8 files from $OUT: the suite leaves exactly three there,
 # suite.log (everything printed), results.csv (the benchmark rows) and logs.tgz (per-part logs).
 set -uo pipefail
@@ -97,12 +99,17 @@ for part in $PARTS; do
     # one card: K = 1 per-identity step time, one-process vs the sharded engine in an NCCL world
     # of one, and the all-reduce of the FFHQ gradients with world size 1 (not a scaling figure)
     distributed) run_bench bench_distributed 150 --quick ;;
+    # optional (not in the default list): per-phase time and top kernels of the compiled step, to
+    # choose which hand-written kernel (skip-path upfirdn2d, ToRGB, ...) Inductor leaves to write
+    profile) step "step breakdown, compiled"
+      timeout "$(budget 120)" $PY -m profiling.step_breakdown --compile on --no-ab 2>&1 | tee "$LOGS/step_breakdown_compiled.log" \
+        || echo "(step breakdown failed or timed out)" ;;
     ncu)
       if command -v ncu >/dev/null 2>&1; then
         step "Nsight Compute: one fused render kernel"
         timeout 40 bash profiling/ncu_render.sh "$LOGS/ncu" 2>&1 | tail -40 | tee "$LOGS/ncu.log" || echo "(ncu step failed or timed out)"
       fi ;;
-    *) echo "unknown GPU_SUITE_PARTS entry: $part (known: unlearn-headline unlearn-micro unlearn engine-tests render-tests render identity-tests identity eval goae distributed ncu)"; status=1 ;;
+    *) echo "unknown GPU_SUITE_PARTS entry: $part (known: unlearn-headline unlearn-micro unlearn engine-tests render-tests render identity-tests identity eval goae distributed profile ncu)"; status=1 ;;
   esac
 done
 

@@ -249,6 +249,9 @@ class UnlearnSession:
             self.reducer.check_status(self.steps_done)
 
     def _run_step(self) -> None:
+        if self.inductor_graphs:
+            # one step = one generation of Inductor's CUDA-graph outputs (the previous step's are dead)
+            torch.compiler.cudagraph_mark_step_begin()
         if self.graph is not None:
             self.graph.replay()
             if self.reducer is not None:
