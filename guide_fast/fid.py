@@ -3,11 +3,11 @@
 GUIDE uses pytorch-fid's `InceptionV3([3])`: torchvision's Inception3 with nine blocks patched
 to the TF-FID pooling behaviour, loaded from `pt_inception-2015-12-05-6726825d.pth`, run on
 images bilinearly resized to 299 and scaled to [-1, 1], keeping the 2048-d pool3 features
-(face_models.md §4). This module builds the same network under the weight file's own key names
+(docs/face_models.md §4). This module builds the same network under the weight file's own key names
 (torchvision's `Inception3` naming, `fc.*` included), so the file loads with no key mapping.
 
 Only the forward computation matters for FID, so the blocks are written here from the spec
-tables (branch shapes in face_models.md §4.3, branch order and pooling in §4.1); no torchvision
+tables (branch shapes in docs/face_models.md §4.3, branch order and pooling in §4.1); no torchvision
 class is used, which keeps the numerics independent of torchvision's version.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ STANDARD_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 # --------------------------------------------------------------------------------------- blocks
 class BasicConv2d(nn.Module):
     """Conv2d without bias -> BatchNorm2d(eps=0.001) -> ReLU: every conv of the network
-    (face_models.md §4.1). eps 0.001 is TF's value; PyTorch's default 1e-5 would shift features."""
+    (docs/face_models.md §4.1). eps 0.001 is TF's value; PyTorch's default 1e-5 would shift features."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0):
         super().__init__()
@@ -46,7 +46,7 @@ class BasicConv2d(nn.Module):
 
 
 def _avg_pool_tf(x):
-    # FID patch (face_models.md §4.1): TF's average pool excludes the zero padding from the mean.
+    # FID patch (docs/face_models.md §4.1): TF's average pool excludes the zero padding from the mean.
     return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
 
 
@@ -163,7 +163,7 @@ class InceptionE(nn.Module):
         if self.pool == "avg":
             pooled = _avg_pool_tf(x)
         else:
-            # FID patch for the last block (face_models.md §4.1): the TF graph max-pools here, a
+            # FID patch for the last block (docs/face_models.md §4.1): the TF graph max-pools here, a
             # bug in the original that the standard FID keeps for comparability.
             pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
         bp = self.branch_pool(pooled)
@@ -176,7 +176,7 @@ class FIDInception(nn.Module):
 
     forward(images): images [N, 3, H, W] in [0, 1] (what `ToTensor()` of a PNG gives, as GUIDE
     feeds it) -> pool3 features [N, 2048] in fp32. The 1008-way `fc` exists only so that the
-    standard file loads strictly; it is never run (face_models.md §4.2).
+    standard file loads strictly; it is never run (docs/face_models.md §4.2).
     """
 
     def __init__(self):
@@ -212,7 +212,7 @@ class FIDInception(nn.Module):
             got = list(images.shape) if torch.is_tensor(images) else type(images).__name__
             raise InputError(f"FID Inception expects images [N, 3, H, W] in [0, 1], got {got}")
         x = images.float()
-        # face_models.md §4.2: resize first (bilinear, align_corners=False, no antialias), then
+        # docs/face_models.md §4.2: resize first (bilinear, align_corners=False, no antialias), then
         # scale [0, 1] -> [-1, 1], in pytorch-fid's order.
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         x = 2 * x - 1
@@ -367,7 +367,7 @@ def _sqrtm(a: np.ndarray) -> np.ndarray:
 def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, *, method: str = "sqrtm", eps: float = 1e-6) -> float:
     """tr sqrt(S1 S2).
 
-    method "sqrtm": pytorch-fid / GUIDE exactly (face_models.md §4.2): scipy.linalg.sqrtm(S1 S2);
+    method "sqrtm": pytorch-fid / GUIDE exactly (docs/face_models.md §4.2): scipy.linalg.sqrtm(S1 S2);
     if it is not finite, retry with eps*I added to both covariances; a diagonal imaginary part
     above 1e-3 raises; otherwise the real part is used.
     method "eigh": the same quantity through symmetric eigendecompositions, since S1 S2 is
@@ -397,7 +397,7 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, *, method: str = 
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 1e-6, method: str = "sqrtm") -> float:
-    """FID = ||mu1 - mu2||^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2) (face_models.md §4.2)."""
+    """FID = ||mu1 - mu2||^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2) (docs/face_models.md §4.2)."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, dtype=np.float64)), np.atleast_1d(np.asarray(mu2, dtype=np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64)), np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
     if mu1.shape != mu2.shape:

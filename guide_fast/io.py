@@ -464,7 +464,7 @@ def save_image(path, image) -> None:
 
 def to_uint8(image):
     """[3,H,W] or [N,3,H,W] tensor in [-1,1] -> uint8 HxWx3 (or NxHxWx3) array, as the EG3D
-    scripts do: (x * 127.5 + 128).clamp(0, 255) (eg3d.md §1.3)."""
+    scripts do: (x * 127.5 + 128).clamp(0, 255) (docs/eg3d.md §1.3)."""
     x = image.detach().float().cpu()
     x = (x * 127.5 + 128).clamp(0, 255).to(dtype=__import__("torch").uint8)
     return x.movedim(-3, -1).numpy()

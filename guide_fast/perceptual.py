@@ -1,4 +1,4 @@
-"""LPIPS-VGG v0.1 (face_models.md §3), as GUIDE calls it: `lpips.LPIPS(net="vgg")`, inputs in
+"""LPIPS-VGG v0.1 (docs/face_models.md §3), as GUIDE calls it: `lpips.LPIPS(net="vgg")`, inputs in
 [-1, 1] (normalize=False), eval mode.
 
 LPIPS(x, y) = sum over the 5 VGG16 taps k of mean_hw( w_k . (f̂_k(x) - f̂_k(y))^2 ),
@@ -202,7 +202,7 @@ class LPIPS(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 def vgg16_feature_keys() -> "OrderedDict[str, tuple]":
-    """`features.*` keys and shapes of torchvision's vgg16 state_dict (face_models.md §3.3)."""
+    """`features.*` keys and shapes of torchvision's vgg16 state_dict (docs/face_models.md §3.3)."""
     table = OrderedDict()
     for i, (cin, cout) in VGG16_CONVS.items():
         table[f"features.{i}.weight"] = (cout, cin, 3, 3)

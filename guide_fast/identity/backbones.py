@@ -1,6 +1,6 @@
 """IR-SE50 (ArcFace, GUIDE's ID loss) and IR-101 (CurricularFace, GUIDE's ID metric).
 
-Both are the InsightFace "IR" ResNet of face_models.md §1-2, built so that `state_dict()` has
+Both are the InsightFace "IR" ResNet of docs/face_models.md §1-2, built so that `state_dict()` has
 exactly the key names, shapes and order of the official files (`model_ir_se50.pth` of the pSp
 release, `CurricularFace_Backbone.pth`): module attributes are registered in the order
 input_layer, output_layer, body (§1.3: output_layer is listed before body), and inside a unit
