@@ -158,11 +158,12 @@ def failure_reason(exc: BaseException) -> str:
 class CompiledForward:
     """A module's forward replaced by the process's compiled one, falling back to eager on failure."""
 
-    def __init__(self, module: torch.nn.Module, fn, name: str, report: CompileReport):
+    def __init__(self, module: torch.nn.Module, fn, name: str, report: CompileReport, prepare=None):
         self.module = module
         self.fn = fn
         self.name = name
         self.report = report
+        self.prepare = prepare  # (module, args, kwargs) -> (args, kwargs), outside the compiled region
         self.failed = False
         self.calls = 0
 
@@ -175,6 +176,8 @@ class CompiledForward:
         first = self.calls == 0
         self.calls += 1
         t0 = time.perf_counter()
+        if self.prepare is not None:
+            args, kwargs = self.prepare(self.module, args, kwargs)
         try:
             out = self.fn(self.module, *args, **kwargs)
         except Exception as exc:  # a compile (or compiled-run) failure: eager from now on, said so
@@ -192,7 +195,7 @@ class CompiledForward:
 
     def __deepcopy__(self, memo):
         # a deep copy of the module gets its own binding to the copied module (same compiled graphs)
-        return CompiledForward(copy.deepcopy(self.module, memo), self.fn, self.name, self.report)
+        return CompiledForward(copy.deepcopy(self.module, memo), self.fn, self.name, self.report, self.prepare)
 
 
 def install(module: torch.nn.Module, name: str, report: CompileReport, key=()) -> CompiledForward | None:
@@ -208,12 +211,29 @@ def install(module: torch.nn.Module, name: str, report: CompileReport, key=()) -
         return None
     if not found:
         report.created.add(k)
-    wrapper = CompiledForward(module, fn, name, report)
+    wrapper = CompiledForward(module, fn, name, report, _PREPARE.get(type(module).__name__))
     module.forward = wrapper
     report.modules.append(name)
     if found and k not in report.created:  # built by an earlier run of this process
         report.reused.append(name)
     return wrapper
+
+
+def _tape_backbone_noise(module, args, kwargs):
+    """SynthesisNetwork.forward(ws, noise_mode="random", fused_modconv=None, generator=None): random
+    noise from a torch.Generator, an identity stream or torch's global generator is drawn onto a
+    NoiseTape first, so that every caller (the engine, evaluation, renders) gets one graph per pass."""
+    names = ("ws", "noise_mode", "fused_modconv", "generator")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    if bound.get("noise_mode", "random") != "random" or isinstance(bound.get("generator"), NoiseTape):
+        return args, kwargs
+    ws = bound["ws"]
+    bound["generator"] = NoiseTape.draw(bound.get("generator"), module, ws.shape[0], ws.device)
+    return (), bound
+
+
+_PREPARE = {"SynthesisNetwork": _tape_backbone_noise}
 
 
 def uninstall(module: torch.nn.Module) -> None:

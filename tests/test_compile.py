@@ -250,3 +250,22 @@ def test_gpu_compiled_step_composes_with_capture_and_matches_eager(mode):
     b = torch.tensor([r["total"] for r in runs["off"].losses])
     torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-3)
     assert t["compile_s"] > 0
+
+
+def test_a_compiled_backbone_tapes_generator_noise_itself(gen):
+    """Callers outside the engine (evaluation, renders) pass a torch.Generator: the compiled backbone
+    draws it onto a tape first, so the pass is one graph and its numbers are the eager pass's."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    synthesis = copy.deepcopy(gen.backbone.synthesis)
+    counter = CountingBackend()
+    counters.clear()
+    compiled.install(synthesis, "synthesis", compiled.CompileReport(backend=counter), key=("tape",))
+    ws = torch.randn(2, gen.num_ws, gen.config.w_dim)
+    with torch.no_grad():
+        got = synthesis(ws, noise_mode="random", generator=torch.Generator().manual_seed(4))
+        want = type(synthesis).forward(synthesis, ws, noise_mode="random", generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert counter.graphs == 1 and not dict(counters["graph_break"])
