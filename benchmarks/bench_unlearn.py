@@ -104,7 +104,10 @@ def cold_process(preset: str, seed: int, iters: int, device, flags: list, timeou
     """Row (b): `python -m guide_fast unlearn` in a fresh process, start to written outputs."""
     out = Path(tempfile.mkdtemp(prefix="guide_fast_cold_")) / "run"
     cmd = [sys.executable, "-m", "guide_fast", "unlearn", "--generator", preset, "--random-nets", "--seed", str(seed),
-           "--iters", str(iters), "--out", str(out), "--no-progress", "--device", str(device), *flags]
+           "--iters", str(iters), "--out", str(out), "--no-progress", "--device", str(device),
+           # random-weight renders hold no face for MTCNN (and the GPU machine may lack facenet-pytorch):
+           # the report's similarity uses the fixed crop
+           "--align", "crop", *flags]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=dict(os.environ))
     wall = time.perf_counter() - t0
