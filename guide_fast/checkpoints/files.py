@@ -226,6 +226,19 @@ def _first_line(exc: Exception) -> str:
 
 
 # --------------------------------------------------------------------------- latent files
+def read_tensor_file(path, what: str = "file") -> "torch.Tensor | dict | list | tuple":
+    """What a small tensor file holds, by its suffix: .safetensors -> dict name -> tensor (its
+    checked header), .npy -> one tensor (a plain numeric array), anything else -> the contents
+    of a torch.save file (read_torch_file). The latent and w_avg readers pick their tensor from it."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return dict(read_safetensors(path, what)[0])
+    if suffix == ".npy":
+        return torch.from_numpy(np.array(read_npy_file(path, what)))
+    return read_torch_file(path, what)
+
+
 LATENT_KEYS = ("w_source", "w_u", "w", "ws", "latents", "latent", "w_plus")
 
 
@@ -235,14 +248,7 @@ def load_latents(path, what: str = "latent file", key: str | None = None) -> tor
     ...), else the only tensor in the file. Returned as float32, shape as stored; complex or
     integer latents are refused rather than cast."""
     path = Path(path)
-    check_file(path, what)
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        obj = dict(read_safetensors(path, what)[0])
-    elif suffix == ".npy":
-        obj = torch.from_numpy(np.array(read_npy_file(path, what)))
-    else:
-        obj = read_torch_file(path, what)
+    obj = read_tensor_file(path, what)
     if isinstance(obj, dict):
         tensors = {k: v for k, v in obj.items() if torch.is_tensor(v)}
         if key is not None:
