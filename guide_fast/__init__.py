@@ -3,10 +3,11 @@
 Public surface (every name below, from `guide_fast` itself): the generator (build_generator,
 load_generator, save_generator, TriPlaneGenerator, GeneratorConfig), the renderer
 (render_triplanes, RenderOptions, make_render_draws), the loss networks (IdentityLoss,
-load_backbone, LPIPS), identity scoring (IdentityScorer), unlearning (Unlearner, UnlearnConfig),
-evaluation (evaluate), the execution plan (ExecutionPlan) and the errors (GuideFastError,
-InputError, CheckpointError); plus the `guide-fast` command. Heavy parts are imported on first
-use so that `import guide_fast` stays cheap.
+load_backbone, LPIPS), identity scoring (IdentityScorer), photo inversion (invert_image,
+invert_images, load_encoder for the GOAE encoder), unlearning (Unlearner, UnlearnConfig),
+evaluation (evaluate, EvalConfig, EvalResult), the execution plan (ExecutionPlan) and the errors
+(GuideFastError, InputError, CheckpointError); plus the `guide-fast` command. Heavy parts are
+imported on first use so that `import guide_fast` stays cheap.
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ _LAZY = {
     "InputError": ("guide_fast.errors", "InputError"),
     "CheckpointError": ("guide_fast.errors", "CheckpointError"),
     "IdentityScorer": ("guide_fast.identity.scorer", "IdentityScorer"),
+    "invert_image": ("guide_fast.inversion", "invert_image"),
+    "invert_images": ("guide_fast.inversion", "invert_images"),
+    "load_encoder": ("guide_fast.inversion", "load_encoder"),
     "Unlearner": ("guide_fast.unlearn.engine", "Unlearner"),
     "UnlearnConfig": ("guide_fast.unlearn.config", "UnlearnConfig"),
     "evaluate": ("guide_fast.evaluation", "evaluate"),
