@@ -181,16 +181,15 @@ def guide_state_dict(facenet_state: dict, net: str) -> dict:
 @functools.lru_cache(maxsize=4)
 def load_nets(device: str = "cpu") -> tuple:
     """(P-Net, R-Net, O-Net) with GUIDE's layout and weights, from facenet-pytorch's files."""
+    from ..checkpoints.files import read_state_dict  # the one file reader (a CheckpointError names the file)
+
     folder = facenet_weights_dir()
     nets = []
     for name, cls in (("pnet", PNet), ("rnet", RNet), ("onet", ONet)):
         path = folder / f"{name}.pt"
         if not path.is_file():
             raise GuideFastError(f"facenet-pytorch's {path.name} is missing from {folder}: reinstall facenet-pytorch")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a damaged installation
-            raise GuideFastError(f"cannot read facenet-pytorch's {path}: {exc}") from None
+        state = read_state_dict(path, "facenet-pytorch's weight file")
         net = cls()
         net.load_state_dict(guide_state_dict(state, name))
         nets.append(net.to(device).eval().requires_grad_(False))
