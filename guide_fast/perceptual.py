@@ -14,6 +14,7 @@ state_dict; only `features.*` is used), the 1x1 heads from lpips' `weights/v0.1/
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -120,7 +121,7 @@ class LPIPS(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def train(self, mode: bool = True):
+    def train(self, mode: bool = True) -> "LPIPS":
         return super().train(False)
 
     # -- construction ------------------------------------------------------------------------
@@ -139,7 +140,8 @@ class LPIPS(nn.Module):
         return model
 
     @classmethod
-    def from_files(cls, vgg16_path, lin_path=None, device=None) -> "LPIPS":
+    def from_files(cls, vgg16_path: "str | os.PathLike", lin_path: "str | os.PathLike | None" = None,
+                   device: "torch.device | str | None" = None) -> "LPIPS":
         """vgg16_path: torchvision's `vgg16` state_dict (`vgg16-397923af.pth`);
         lin_path: lpips' `weights/v0.1/vgg.pth` (None: the copy inside the installed lpips package)."""
         model = cls()
@@ -149,7 +151,7 @@ class LPIPS(nn.Module):
             model.to(device)
         return model
 
-    def load_vgg16(self, path) -> None:
+    def load_vgg16(self, path: "str | os.PathLike") -> None:
         state = read_vgg16_features(path)
         mine = self.net.state_dict()
         remapped = {}
@@ -159,7 +161,7 @@ class LPIPS(nn.Module):
         assert set(remapped) == set(mine), "internal: VGG16 key mapping"  # checked by read_vgg16_features
         self.net.load_state_dict(remapped, strict=True)
 
-    def load_heads(self, path) -> None:
+    def load_heads(self, path: "str | os.PathLike") -> None:
         state = read_lpips_heads(path)
         for k in range(len(TAP_CHANNELS)):
             with torch.no_grad():

@@ -11,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import asdict, dataclass, replace
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 
 from .errors import InputError
+
+if TYPE_CHECKING:
+    from .eg3d.generator import TriPlaneGenerator
 
 Path = Literal["fast", "reference"]
 Renderer = Literal["reference", "triton"]
@@ -165,13 +168,13 @@ class ExecutionPlan:
     def autocast_dtype(self) -> torch.dtype | None:
         return torch.bfloat16 if self.precision == "bf16" else None
 
-    def autocast(self, cache_enabled: bool = True):
+    def autocast(self, cache_enabled: bool = True) -> contextlib.AbstractContextManager:
         """The autocast context of this plan (a no-op context in fp32)."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=cache_enabled)
 
-    def apply(self, generator):
+    def apply(self, generator: "TriPlaneGenerator") -> "TriPlaneGenerator":
         """Set the generator's operator switches to this plan (renderer, up-convs, memory format)."""
         generator.set_renderer(self.renderer).set_upsample_conv(self.upsample_conv)
         if self.memory_format == "channels_last":

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +24,9 @@ from ..errors import CheckpointError, GuideFastError, InputError
 from ..io import atomic_path, write_error
 from .files import check_file, read_safetensors, sha256_file
 from .keys import describe_mismatch
+
+if TYPE_CHECKING:
+    from ..eg3d.generator import TriPlaneGenerator
 
 GENERATOR_FORMAT = "guide-fast/generator"
 FORMAT_VERSION = "1"
@@ -151,7 +156,8 @@ def _sniff(path: Path) -> str:
     return "unknown"
 
 
-def load_generator(path, renderer: str = "reference", device=None, key: str = "G_ema"):
+def load_generator(path: "str | os.PathLike", renderer: str = "reference", device: "torch.device | str | None" = None,
+                   key: str = "G_ema") -> "TriPlaneGenerator":
     """Load a generator from an official EG3D pickle (G_ema) or guide-fast's safetensors format.
 
     Nothing from the file is executed and no declared size is trusted. The generator records
@@ -244,7 +250,7 @@ def write_safetensors(path, tensors, meta: dict, what: str) -> None:
             raise write_error(path, exc) from None
 
 
-def save_generator(gen, path, source_sha256: str | None = None) -> Path:
+def save_generator(gen: "TriPlaneGenerator", path: "str | os.PathLike", source_sha256: str | None = None) -> Path:
     """Write the generator as one safetensors file (config, provenance and history in its metadata)."""
     path = Path(path)
     state = OrderedDict((k, v.detach().to("cpu").contiguous().clone()) for k, v in gen.state_dict().items())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,7 +17,12 @@ from ..errors import InputError, check_finite
 from ..plan import RENDERERS, UPSAMPLE_CONVS, Renderer, UpsampleConv
 from ..profiling import nvtx_range
 from ..render import RenderOptions, render_triplanes, sample_rays
-from .networks import NOISE_MODES, Backbone, OSGDecoder, SuperResolution
+from .networks import Backbone, OSGDecoder, SuperResolution, check_noise_mode
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .networks import RowNoise
 
 # docs/eg3d.md §1.2: the FFHQ rendering_kwargs as stored in the checkpoint.
 FFHQ_RENDERING_KWARGS = {
@@ -169,7 +175,8 @@ class TriPlaneGenerator(nn.Module):
         return self.backbone.mapping.w_avg
 
     # ----------------------------------------------------------------- forward parts
-    def mapping(self, z, c, truncation_psi: float = 1.0, truncation_cutoff=None) -> torch.Tensor:
+    def mapping(self, z: torch.Tensor, c: torch.Tensor, truncation_psi: float = 1.0,
+                truncation_cutoff: int | None = None) -> torch.Tensor:
         """z [N, z_dim], conditioning camera c [N, 25] -> ws [N, num_ws, w_dim] (docs/eg3d.md §2)."""
         if not torch.is_tensor(z) or z.ndim != 2 or z.shape[1] != self.config.z_dim:
             got = list(z.shape) if torch.is_tensor(z) else type(z).__name__
@@ -181,7 +188,8 @@ class TriPlaneGenerator(nn.Module):
             c = torch.zeros_like(c)
         return self.backbone.mapping(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
 
-    def as_latents(self, w, name: str = "latents", device=None) -> torch.Tensor:
+    def as_latents(self, w: "torch.Tensor | np.ndarray | list", name: str = "latents",
+                   device: "torch.device | str | None" = None) -> torch.Tensor:
         """Validate W+ latents ([N, num_ws, w_dim], or one [num_ws, w_dim]) -> fp32 on `device`."""
         if not torch.is_tensor(w):
             try:
@@ -209,12 +217,12 @@ class TriPlaneGenerator(nn.Module):
         if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
             check_finite("ws", ws)
 
-    def planes(self, ws, noise_mode: str = "random", generator=None, validate: bool = True) -> torch.Tensor:
+    def planes(self, ws: torch.Tensor, noise_mode: str = "random",
+               generator: "torch.Generator | RowNoise | None" = None, validate: bool = True) -> torch.Tensor:
         """ws -> tri-planes [N, 3, C, R, R]; a view of the backbone's raw [N, 3C, R, R] output."""
         if validate:
             self.check_ws(ws)
-            if noise_mode not in NOISE_MODES:
-                raise InputError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+            check_noise_mode(noise_mode)
         raw = self.backbone.synthesis(ws, noise_mode=noise_mode, generator=generator)
         r = self.config.plane_resolution
         return raw.view(raw.shape[0], 3, self.config.plane_channels, r, r)
@@ -229,7 +237,8 @@ class TriPlaneGenerator(nn.Module):
         return device.type == "cuda" and not torch.is_autocast_enabled(device.type)
 
     def synthesis(self, ws: torch.Tensor, c: torch.Tensor, noise_mode: str = "random", render_draws: dict | None = None,
-                  planes: torch.Tensor | None = None, generator=None, validate: bool = True) -> dict:
+                  planes: torch.Tensor | None = None, generator: "torch.Generator | RowNoise | None" = None,
+                  validate: bool = True) -> dict:
         """ws [N, num_ws, w_dim] + rendering camera c [N, 25] -> images (docs/eg3d.md §1.3).
 
         planes: precomputed tri-planes [N, 3, C, R, R] skip the backbone (the engine caches
@@ -250,8 +259,8 @@ class TriPlaneGenerator(nn.Module):
                     raise InputError(f"planes has shape {got}, expected {list(want)}")
         n = ws.shape[0]
         if planes is None:
-            if validate and noise_mode not in NOISE_MODES:
-                raise InputError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+            if validate:
+                check_noise_mode(noise_mode)
             # ws was validated above: do not check (and sync on) it a second time
             planes = self.planes(ws, noise_mode=noise_mode, generator=generator, validate=False)
         c = c.to(ws.device, torch.float32).expand(n, -1)
@@ -274,7 +283,8 @@ class TriPlaneGenerator(nn.Module):
             )
         return {"image": image, "image_raw": rgb_image, "image_depth": depth_image}
 
-    def forward(self, z, c, truncation_psi: float = 1.0, truncation_cutoff=None, **synthesis_kwargs) -> dict:
+    def forward(self, z: torch.Tensor, c: torch.Tensor, truncation_psi: float = 1.0,
+                truncation_cutoff: int | None = None, **synthesis_kwargs) -> dict:
         """G(z, c): the same camera conditions the mapping and renders (docs/eg3d.md §1.3)."""
         ws = self.mapping(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
         return self.synthesis(ws, c, **synthesis_kwargs)

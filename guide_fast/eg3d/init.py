@@ -45,6 +45,7 @@ import math
 
 import torch
 
+from ..errors import InputError
 from . import ops
 
 # the body: semi-axes (x = width, y = height, z = depth) in box units (the box is [-0.5, 0.5]^3;
@@ -103,7 +104,7 @@ def _check_fits(gen) -> None:
     if cfg.decoder_output_dim < 3:
         problems.append(f"decoder_output_dim {cfg.decoder_output_dim} < 3")
     if problems:
-        raise ValueError("the structured initialisation does not fit this generator: " + "; ".join(problems))
+        raise InputError("the structured initialisation does not fit this generator: " + "; ".join(problems))
 
 
 def _texel_coords(res: int, device=None) -> torch.Tensor:

@@ -8,10 +8,12 @@ in forward, as the checkpoint stores raw tensors (docs/eg3d.md §7.4 table).
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..render.reference import decode
 from ..render.types import DecoderWeights
 from . import ops
@@ -19,9 +21,17 @@ from . import ops
 NOISE_MODES = ("random", "const", "none")
 
 
-def _check_noise_mode(noise_mode: str) -> None:
+class RowNoise(Protocol):
+    """A per-row noise source the synthesis layers accept in place of a torch.Generator (one
+    stream per identity: guide_fast.unlearn.streams.IdentityNoise)."""
+
+    def randn_rows(self, shape: list[int], device: torch.device) -> torch.Tensor: ...
+
+
+def check_noise_mode(noise_mode: str) -> None:
+    """The one check of a noise_mode option (the generator's planes and synthesis use it)."""
     if noise_mode not in NOISE_MODES:
-        raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+        raise InputError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
 
 
 class FullyConnectedLayer(nn.Module):
@@ -236,7 +246,7 @@ class SynthesisNetwork(nn.Module):
         self.img_channels = img_channels
         log2 = int(math.log2(img_resolution))
         if 2 ** log2 != img_resolution or img_resolution < 4:
-            raise ValueError(f"backbone resolution must be a power of two >= 4, got {img_resolution}")
+            raise InputError(f"backbone resolution must be a power of two >= 4, got {img_resolution}")
         self.block_resolutions = [2 ** i for i in range(2, log2 + 1)]
         channels = {res: min(channel_base // res, channel_max) for res in self.block_resolutions}
         self.num_ws = 0
@@ -287,7 +297,7 @@ class SuperResolution(nn.Module):
                  antialias: bool = True):
         super().__init__()
         if not block_channels or (out_resolution >> len(block_channels)) << len(block_channels) != out_resolution:
-            raise ValueError("super-resolution needs one block per factor of two of its output resolution")
+            raise InputError("super-resolution needs one block per factor of two of its output resolution")
         self.in_resolution = out_resolution >> len(block_channels)
         self.render_resolution = render_resolution
         self.out_resolution = out_resolution

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, fields, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -12,6 +12,9 @@ from ..errors import InputError
 from ..plan import ExecutionPlan
 from .noise import NoiseScheme, check_scheme
 from .views import EvalCamera
+
+if TYPE_CHECKING:
+    from ..eg3d.generator import TriPlaneGenerator
 
 EVAL_FORMAT = "guide-fast/eval"
 FORMAT_VERSION = 1
@@ -98,7 +101,7 @@ class EvalConfig:
         base = config if config is not None else cls()
         return replace(base, **settings) if settings else base
 
-    def resolve_plan(self, source) -> ExecutionPlan:
+    def resolve_plan(self, source: "TriPlaneGenerator") -> ExecutionPlan:
         """The render plan: `plan` as given, else the generator's renderer in `precision`."""
         if self.plan is not None:
             if self.device is not None and torch.device(self.device) != self.plan.device:

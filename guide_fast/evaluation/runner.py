@@ -22,9 +22,11 @@ scripts do; see EvalConfig for the alternatives.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -44,10 +46,23 @@ from .metrics import (
 )
 from .views import NUM_ID_VIEWS, EvalCamera
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
-def evaluate(source, unlearned, *, w_source, scorer=None, inception=None, others=None, real_features=None,
-             diversity_generators=None, run_report=None, out_dir=None, notes: list[str] | None = None,
-             config: EvalConfig | None = None, **settings) -> EvalResult:
+    import numpy as np
+
+    from ..eg3d.generator import TriPlaneGenerator
+    from ..fid import FIDInception
+    from ..identity.scorer import IdentityScorer
+
+
+def evaluate(source: "TriPlaneGenerator", unlearned: "TriPlaneGenerator", *, w_source: torch.Tensor,
+             scorer: "IdentityScorer | str | os.PathLike | None" = None,
+             inception: "FIDInception | str | os.PathLike | None" = None, others: torch.Tensor | None = None,
+             real_features: "np.ndarray | str | os.PathLike | None" = None,
+             diversity_generators: "Sequence[tuple[TriPlaneGenerator, torch.Tensor]] | None" = None,
+             run_report: "dict | str | os.PathLike | None" = None, out_dir: "str | os.PathLike | None" = None,
+             notes: list[str] | None = None, config: EvalConfig | None = None, **settings) -> EvalResult:
     """Evaluate an unlearned generator against its source. Returns an EvalResult (also written to
     out_dir/eval.json with PNG plots when out_dir is given).
 

@@ -12,6 +12,7 @@ differences listed.
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -207,7 +208,8 @@ def detect_kind(state: dict) -> tuple[str | None, dict]:
     return None, diffs
 
 
-def load_backbone(path, device=None, kind: str | None = None) -> IRBackbone:
+def load_backbone(path: "str | os.PathLike", device: "torch.device | str | None" = None,
+                  kind: str | None = None) -> IRBackbone:
     """Load an official IR-SE50 or IR-101 file; returns the network in eval mode with frozen
     parameters and `.kind` set. `kind` (optional) insists on one of the two.
 

@@ -25,7 +25,7 @@ class IdentityLoss(nn.Module):
         self.backbone.requires_grad_(False)
         self.backbone.eval()
 
-    def train(self, mode: bool = True):
+    def train(self, mode: bool = True) -> "IdentityLoss":
         super().train(mode)
         self.backbone.eval()  # dropout / batch statistics must never switch on
         return self

@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 import torch
@@ -30,6 +31,15 @@ from ..errors import InputError
 from .align import GUIDE_THRESHOLDS, DEFAULT_MAX_DETECT_SIDE, MIN_FACE_SIZE, NoFaceError, align_faces
 from .backbones import EMBEDDING_DIM, INPUT_SIZE, load_backbone
 from .preprocess import idloss_crop, normalize_uint8, renders_to_uint8, to_rgb_uint8
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import PIL.Image
+
+    #: Images the scorer takes: a [N, 3, H, W] / [3, H, W] tensor in [-1, 1], an HxWx3 / NxHxWx3
+    #: uint8 array, or a list of such images or PIL images.
+    Images = Union[torch.Tensor, np.ndarray, Sequence[Union[torch.Tensor, np.ndarray, PIL.Image.Image]]]
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 ALIGN_MODES = ("mtcnn", "none", "idloss")
@@ -158,9 +168,11 @@ class IdentityScorer:
     detect_thresholds / select / max_detect_side: MTCNN settings of align="mtcnn".
     """
 
-    def __init__(self, backbone_or_path, backend: str = "torch", device=None, batch_size: int = 64, *,
+    def __init__(self, backbone_or_path: "torch.nn.Module | str | Path", backend: str = "torch",
+                 device: "torch.device | str | None" = None, batch_size: int = 64, *,
                  align: str = "mtcnn", precision: str = "auto", cuda_graph: bool | None = None,
-                 onnx_path=None, cache_dir=None, detect_thresholds=GUIDE_THRESHOLDS, select: str = "probability",
+                 onnx_path: "str | Path | None" = None, cache_dir: "str | Path | None" = None,
+                 detect_thresholds: "tuple[float, float, float]" = GUIDE_THRESHOLDS, select: str = "probability",
                  max_detect_side: int = DEFAULT_MAX_DETECT_SIDE, min_face_size: int = MIN_FACE_SIZE):
         if backend not in BACKENDS:
             raise InputError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
@@ -244,7 +256,8 @@ class IdentityScorer:
 
     # -- public API ----------------------------------------------------------------------------
 
-    def embed(self, images, align: str | None = None, *, aligned=None, on_missing: str = "nan") -> torch.Tensor:
+    def embed(self, images: "Images", align: str | None = None, *, aligned: bool | str | None = None,
+              on_missing: str = "nan") -> torch.Tensor:
         """[N, 512] float32 unit vectors (CPU); NaN rows where no face was found (align="mtcnn").
 
         images: a float tensor [N,3,H,W] / [3,H,W] in [-1, 1], a uint8 array HxWx3 / NxHxWx3, a
@@ -253,7 +266,8 @@ class IdentityScorer:
         """
         return self.embed_detailed(images, align, aligned=aligned, on_missing=on_missing).embeddings
 
-    def embed_detailed(self, images, align: str | None = None, *, aligned=None, on_missing: str = "nan") -> EmbedResult:
+    def embed_detailed(self, images: "Images", align: str | None = None, *, aligned: bool | str | None = None,
+                       on_missing: str = "nan") -> EmbedResult:
         mode = self._resolve_mode(align, aligned)
         if on_missing not in ("nan", "raise"):
             raise InputError(f"on_missing must be 'nan' or 'raise', got {on_missing!r}")
@@ -276,7 +290,8 @@ class IdentityScorer:
             out[found] = vecs
         return EmbedResult(embeddings=out, found=found, faces=faces)
 
-    def similarity(self, a, b, align: str | None = None, *, aligned=None, on_missing: str = "nan") -> torch.Tensor:
+    def similarity(self, a: "Images", b: "Images", align: str | None = None, *, aligned: bool | str | None = None,
+                   on_missing: str = "nan") -> torch.Tensor:
         """Cosine similarity of paired images: [N] float32 (NaN where a face is missing).
         One side may hold a single image, compared with every image of the other."""
         ea = self.embed(a, align, aligned=aligned, on_missing=on_missing)

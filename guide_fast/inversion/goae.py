@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
@@ -333,7 +334,8 @@ def read_encoder_state(path) -> "OrderedDict[str, torch.Tensor]":
     return obj
 
 
-def load_encoder(path, device="cpu", mode: str = "eval", *, config: GOAEConfig = OFFICIAL) -> GOAEncoder:
+def load_encoder(path: "str | os.PathLike", device: "torch.device | str" = "cpu", mode: str = "eval", *,
+                 config: GOAEConfig = OFFICIAL) -> GOAEncoder:
     """Load `encoder_FFHQ.pt` (or any state_dict of `config`) into a GOAEncoder on `device`.
 
     Every key and shape is checked against the architecture and non-finite weights are refused:

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -39,6 +41,15 @@ from ..plan import PATHS, PRECISIONS, RENDERERS, ExecutionPlan
 from .average import resolve_w_avg
 from .encode import encode_photos, resolve_encoder
 from .framing import EG3D_OUTPUT_SIZE, ALIGN_METHODS, AlignedPhoto, prepare_photos
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from ..eg3d.generator import TriPlaneGenerator
+    from ..identity.loss import IdentityLoss
+    from ..perceptual import LPIPS
+    from .average import AverageLatent
+    from .photo import PhotoSource
 
 #: Adam steps of an inversion without an encoder (with one the default is 0: GOAE alone).
 DEFAULT_STEPS = 300
@@ -350,10 +361,14 @@ def _check_steps(steps, encoder) -> int:
     return steps
 
 
-def invert_images(gen, images, *, id_loss, lpips, steps: int | None = None, encoder=None,
-                  encoder_mode: str = "eval", w_avg=None, refine_camera: bool = False, index=None,
-                  strict: bool = False, progress: bool = False, device=None, plan: ExecutionPlan | None = None,
-                  config: InversionConfig | None = None, **options) -> list[InversionResult]:
+def invert_images(gen: "TriPlaneGenerator", images: "PhotoSource | Sequence[PhotoSource]", *,
+                  id_loss: "IdentityLoss", lpips: "LPIPS", steps: int | None = None,
+                  encoder: "str | os.PathLike | Callable[[torch.Tensor], torch.Tensor] | None" = None,
+                  encoder_mode: str = "eval", w_avg: "str | os.PathLike | torch.Tensor | AverageLatent | None" = None,
+                  refine_camera: bool = False, index: int | None = None, strict: bool = False,
+                  progress: bool = False, device: "torch.device | str | None" = None,
+                  plan: ExecutionPlan | None = None, config: InversionConfig | None = None,
+                  **options) -> list[InversionResult]:
     """Invert photos into the generator's W+ space; one InversionResult per photo, in order.
 
     gen: a TriPlaneGenerator (not modified; its operator switches are restored afterwards);
@@ -441,7 +456,7 @@ def invert_images(gen, images, *, id_loss, lpips, steps: int | None = None, enco
     return results
 
 
-def invert_image(gen, image, **kwargs) -> InversionResult:
+def invert_image(gen: "TriPlaneGenerator", image: "PhotoSource", **kwargs) -> InversionResult:
     """One photo -> its InversionResult (invert_images for a single photo; same keywords)."""
     from .photo import expand_photo_sources
 

@@ -6,11 +6,22 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 
 from ..errors import InputError
 from ..identity.preprocess import to_rgb_uint8
+
+if TYPE_CHECKING:
+    import PIL.Image
+    import torch
+
+    from .framing import AlignedPhoto
+
+    #: What one photo may be given as (load_photo, invert_images): a path, a PIL image, a numpy
+    #: array, a [3, H, W] tensor in [-1, 1], or an already aligned photo.
+    PhotoSource = Union[str, os.PathLike, PIL.Image.Image, np.ndarray, torch.Tensor, AlignedPhoto]
 
 #: Files taken as photos when a folder is given (`--image DIR`, `--others DIR`).
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")

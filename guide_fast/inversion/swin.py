@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
+
 # exp(logit_scale) is capped at 1 / 0.01. The official code builds this cap as a float32 tensor
 # (torch.log of a float32 100); a Python float rounded to float32 is the same number.
 LOGIT_SCALE_MAX = float(torch.log(torch.tensor(1.0 / 0.01, dtype=torch.float32)))
@@ -253,7 +255,7 @@ class SwinV2Backbone(nn.Module):
                  pretrained_window_sizes=(12, 12, 12, 6), mlp_ratio: float = 4.0, drop_path_rate: float = 0.2):
         super().__init__()
         if len(depths) != 4 or len(num_heads) != 4 or len(pretrained_window_sizes) != 4:
-            raise ValueError("GOAE's heads read four stages: depths, num_heads and pretrained_window_sizes need 4 entries")
+            raise InputError("GOAE's heads read four stages: depths, num_heads and pretrained_window_sizes need 4 entries")
         self.patch_embed = PatchEmbed(img_size, patch_size, embed_dim)
         grid = img_size // patch_size
         # Stochastic depth rises linearly from 0 over all blocks (float32 linspace, as the original).

@@ -264,7 +264,7 @@ class GradientReducer:
         offset = 0
         for p in params:
             if p.dtype != torch.float32:
-                raise ValueError(f"trainable parameters must be fp32 master weights, got {p.dtype}")
+                raise InputError(f"trainable parameters must be fp32 master weights, got {p.dtype}")
             # the gradient keeps the parameter's strides (channels_last weights), packed densely
             p.grad = self.flat.as_strided(p.shape, p.stride(), offset)
             offset += p.numel()

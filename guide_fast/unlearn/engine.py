@@ -23,9 +23,16 @@ from ..plan import ExecutionPlan
 
 if TYPE_CHECKING:
     import os
+    from collections.abc import Callable, Sequence
     from pathlib import Path
 
+    import torch.distributed as dist
+
     from ..eg3d.generator import TriPlaneGenerator
+    from ..identity.loss import IdentityLoss
+    from ..inversion.average import AverageLatent
+    from ..inversion.photo import PhotoSource
+    from ..perceptual import LPIPS
 from ..losslog import LossLog
 from .config import UnlearnConfig
 from .steps import LOSS_NAMES, FastStep, ReferenceStep, sample_draws
@@ -411,8 +418,10 @@ class Unlearner:
 
     session_class = UnlearnSession  # what prepare() builds (distributed.prepare_sharded too)
 
-    def __init__(self, generator, id_loss, lpips, config: UnlearnConfig | None = None, process_group=None, *,
-                 plan: ExecutionPlan | None = None, w_avg=None):
+    def __init__(self, generator: "TriPlaneGenerator", id_loss: "IdentityLoss", lpips: "LPIPS",
+                 config: UnlearnConfig | None = None, process_group: "dist.ProcessGroup | None" = None, *,
+                 plan: ExecutionPlan | None = None,
+                 w_avg: "str | os.PathLike | torch.Tensor | AverageLatent | None" = None):
         """w_avg: the average latent of the UFO target and of the photo inversion: a file
         (GUIDE's w_avg_ffhqrebalanced512-128.pt, [14, 512]), a tensor, or None for the mapping
         network's buffer (guide_fast.inversion.resolve_w_avg); result.w_avg says which.
@@ -495,7 +504,8 @@ class Unlearner:
         w_others = torch.cat([r.w_plus for r in rest]) if rest else None
         return results[target_index].w_plus, [results[target_index]], w_others
 
-    def prepare(self, latents=None, seeds=None, images=None, target_index: int | None = None,
+    def prepare(self, latents: torch.Tensor | None = None, seeds: "int | list[int] | None" = None,
+                images: "PhotoSource | Sequence[PhotoSource] | None" = None, target_index: int | None = None,
                 **invert_kwargs) -> UnlearnSession:
         """A session ready to step. target_index (with images=): see _split_photos."""
         split = None
@@ -515,8 +525,10 @@ class Unlearner:
             session.inversion, session.w_others = split
         return session
 
-    def unlearn(self, latents=None, seeds=None, images=None, progress: bool = False, render: bool = True,
-                callback=None, target_index: int | None = None, **invert_kwargs) -> UnlearnResult:
+    def unlearn(self, latents: torch.Tensor | None = None, seeds: "int | list[int] | None" = None,
+                images: "PhotoSource | Sequence[PhotoSource] | None" = None, progress: bool = False,
+                render: bool = True, callback: "Callable[[int, UnlearnSession], object] | None" = None,
+                target_index: int | None = None, **invert_kwargs) -> UnlearnResult:
         """Unlearn N identities at once (W+ latents [N, num_ws, w_dim], seeds, or photos).
 
         images= takes photos or a folder; the remaining keywords go to
