@@ -77,12 +77,12 @@ run_bench() {  # name, timeout, args...
   local name=$1 limit; limit=$(budget "$2"); shift 2
   if (( limit == 0 )); then echo "SKIPPED (suite budget spent): benchmark $name $*"; status=1; return; fi
   step "benchmark $name $* (budget ${limit}s)"
-  timeout "$limit" $PY -m "benchmarks.$name" "$@" 2>&1 | tee "$LOGS/$name.log" || { echo "($name exited non-zero or timed out)"; status=1; }
+  PART_BUDGET_S=$limit timeout "$limit" $PY -m "benchmarks.$name" "$@" 2>&1 | tee "$LOGS/$name.log" || { echo "($name exited non-zero or timed out)"; status=1; }
 }
 for part in $PARTS; do
   case $part in
     # (b) cold process, (a) loop, (c) warm service at paper settings (--compile: HEADLINE_COMPILE, default auto)
-    unlearn-headline) run_bench bench_unlearn 330 --budget-s 320 --headline yes --micro no \
+    unlearn-headline) run_bench bench_unlearn 340 --budget-s 330 --headline yes --micro no \
                         --compile "${HEADLINE_COMPILE:-auto}" ;;
     # per-step rows: reference, fast, fast+compile (default and reduce-overhead), noise separate, N=4
     unlearn-micro) run_bench bench_unlearn 150 --budget-s 140 --headline no --identities 1,4 --ablations none \
@@ -94,7 +94,7 @@ for part in $PARTS; do
     identity-tests) run_tests identity 90 tests/test_identity_scorer.py tests/test_perceptual.py ;;
     identity) run_bench bench_identity 40 --quick ;;
     # the real 5000-pair FID_pre + ID over 11 views, compile off and on (bench_eval --full-run)
-    eval) run_bench bench_eval 150 --full-run --compile-ablation --budget-s 140 --quick ;;
+    eval) run_bench bench_eval 140 --full-run --compile-ablation --budget-s 130 --quick ;;
     goae) run_tests goae 60 tests/test_goae.py -k cuda; run_bench bench_goae 45 --quick --budget-s 30 ;;
     # one card: K = 1 per-identity step time, one-process vs the sharded engine in an NCCL world
     # of one, and the all-reduce of the FFHQ gradients with world size 1 (not a scaling figure)
