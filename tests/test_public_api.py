@@ -3,6 +3,7 @@ can trigger through the model's constructors and options are GuideFastError subc
 (InputError, which the CLI turns into one line and exit code 2)."""
 from __future__ import annotations
 
+import importlib
 import inspect
 
 import pytest
@@ -21,12 +22,36 @@ def _unhinted(fn) -> list[str]:
     return missing
 
 
+PACKAGES = ["guide_fast"] + [f"guide_fast.{p}" for p in
+                              ("checkpoints", "eg3d", "evaluation", "identity", "inversion", "render", "unlearn")]
+
+
+def _public_callables(obj, qualname: str):
+    """The function itself, or a guide_fast class's public methods (and __init__ / __call__)."""
+    if inspect.isfunction(obj):
+        yield qualname, obj
+    elif inspect.isclass(obj) and obj.__module__.startswith("guide_fast"):
+        for attr, value in vars(obj).items():
+            if attr.startswith("_") and attr not in ("__init__", "__call__"):
+                continue
+            if attr == "__init__" and hasattr(obj, "__dataclass_fields__"):
+                continue  # written by @dataclass from the annotated fields
+            fn = value.__func__ if isinstance(value, (classmethod, staticmethod)) else value
+            fn = fn.fget if isinstance(fn, property) else fn
+            if inspect.isfunction(fn):
+                yield f"{qualname}.{attr}", fn
+
+
 def test_exported_functions_have_type_hints():
+    """What guide_fast and each package's __init__ export: functions and the public methods of
+    its classes carry parameter and return annotations."""
     problems = {}
-    for name in guide_fast.__all__:
-        obj = getattr(guide_fast, name)
-        if inspect.isfunction(obj) and _unhinted(obj):
-            problems[name] = _unhinted(obj)
+    for package in PACKAGES:
+        module = importlib.import_module(package)
+        for name in getattr(module, "__all__", []):
+            for qualname, fn in _public_callables(getattr(module, name), f"{package}.{name}"):
+                if _unhinted(fn):
+                    problems[qualname] = _unhinted(fn)
     assert not problems, problems
 
 

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +28,11 @@ from .files import read_safetensors
 from .format import SYNTHESIS_PREFIX, _is_fingerprint, check_history, history_with, state_fingerprint, \
     write_safetensors
 
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from ..eg3d.generator import TriPlaneGenerator
+
 DELTA_FORMAT = "guide-fast/delta"
 DELTA_VERSION = "2"
 FIX = "::fix_"             # <name>::fix_index / ::fix_source / ::fix_result: the exact-value patch
@@ -33,7 +40,7 @@ RESERVED_META = ("format", "format_version", "source_sha256", "source_fingerprin
                  "config", "history")
 
 
-def compute_delta(source, unlearned) -> "OrderedDict[str, torch.Tensor]":
+def compute_delta(source: "TriPlaneGenerator", unlearned: "TriPlaneGenerator") -> "OrderedDict[str, torch.Tensor]":
     """unlearned - source for the `backbone.synthesis.*` parameters (the only ones GUIDE trains),
     in float64 (exact for all but far-apart magnitudes; see save_delta for those)."""
     src = dict(source.named_parameters())
@@ -57,7 +64,8 @@ def _patch(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor):
     return torch.nonzero(bad.reshape(-1)).reshape(-1)
 
 
-def save_delta(source, unlearned, path, extra: dict | None = None) -> Path:
+def save_delta(source: "TriPlaneGenerator", unlearned: "TriPlaneGenerator", path: "str | os.PathLike",
+               extra: dict | None = None) -> Path:
     """Safetensors of the synthesis-weight differences with the source's and the result's
     fingerprints, the source config and the result's history. `extra`: more metadata (strings,
     or JSON-encoded); it cannot replace the reserved keys."""
@@ -92,7 +100,7 @@ def save_delta(source, unlearned, path, extra: dict | None = None) -> Path:
     return Path(path)
 
 
-def load_delta(path):
+def load_delta(path: "str | os.PathLike") -> "tuple[OrderedDict[str, torch.Tensor], dict]":
     """-> (delta: name -> tensor (float64 differences and their patches), metadata dict)."""
     path = Path(path)
     if not path.exists():
@@ -143,8 +151,8 @@ def _check_sign(sign) -> int:
     return int(sign)
 
 
-def apply_delta(gen, delta, meta: dict | None = None, sign: int = 1, check_source: bool = True,
-                force: bool = False):
+def apply_delta(gen: "TriPlaneGenerator", delta: "Mapping[str, torch.Tensor]", meta: dict | None = None, sign: int = 1,
+                check_source: bool = True, force: bool = False) -> "TriPlaneGenerator":
     """Apply (sign=+1: source -> unlearned) or revert (sign=-1: unlearned -> source) a delta in
     place, bit-exactly; returns gen. The generator must be the delta's source (+1) or result (-1)
     by weight fingerprint; check_source=False skips that check. A delta without metadata is
@@ -209,6 +217,7 @@ def _history_from(meta: dict) -> list:
     return history if isinstance(history, list) else []
 
 
-def revert_delta(gen, delta, meta: dict | None = None, force: bool = False):
+def revert_delta(gen: "TriPlaneGenerator", delta: "Mapping[str, torch.Tensor]", meta: dict | None = None,
+                 force: bool = False) -> "TriPlaneGenerator":
     """Revert a delta in place (unlearned -> source), bit-exactly; the generator must be its result."""
     return apply_delta(gen, delta, meta, sign=-1, force=force)

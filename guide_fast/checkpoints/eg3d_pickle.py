@@ -9,8 +9,10 @@ text for inspection only.
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,12 +22,16 @@ from .interpret import Interpreter, ObjectRecord, PersistentObject
 from .pickle_reader import Call, Global, parse_pickle
 from .torch_archive import read_storage_bytes
 
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
 MAX_MODULE_DEPTH = 32
 GENERATOR_CLASS = "TriPlaneGenerator"
 PERSISTENCE_PATH = "torch_utils.persistence._reconstruct_persistent_obj"
 
 
-def read_official_pickle(path, key: str = "G_ema"):
+def read_official_pickle(path: "str | os.PathLike",
+                         key: str = "G_ema") -> "tuple[PersistentObject, OrderedDict[str, torch.Tensor]]":
     """-> (G_ema PersistentObject, state dict name -> tensor) without executing anything."""
     path = Path(path)
     data = read_bytes(path, "generator checkpoint")
@@ -53,8 +59,9 @@ def read_official_pickle(path, key: str = "G_ema"):
     return obj, collect_state_dict(obj, source, key)
 
 
-def collect_state_dict(obj: ObjectRecord, source: str = "<pickle>", where: str = "G_ema",
-                       prefix: str = "", depth: int = 0, out=None) -> "OrderedDict[str, torch.Tensor]":
+def collect_state_dict(obj: ObjectRecord, source: str = "<pickle>", where: str = "G_ema", prefix: str = "",
+                       depth: int = 0,
+                       out: "OrderedDict[str, torch.Tensor] | None" = None) -> "OrderedDict[str, torch.Tensor]":
     """Walk module records as nn.Module.state_dict() does: parameters, persistent buffers, children."""
     out = OrderedDict() if out is None else out
     if depth > MAX_MODULE_DEPTH:
@@ -103,7 +110,8 @@ def _num(value, field: str, source: str):
     return value
 
 
-def config_from_official(obj: PersistentObject, state, source: str = "<pickle>") -> "GeneratorConfig":  # noqa: F821
+def config_from_official(obj: PersistentObject, state: "Mapping[str, torch.Tensor]",
+                         source: str = "<pickle>") -> "GeneratorConfig":  # noqa: F821
     """GeneratorConfig from the G_ema record: its `_init_kwargs`, `rendering_kwargs` and
     `neural_rendering_resolution`, with the architecture's free sizes read off tensor shapes.
     Every value is type- and range-checked; a defect is a CheckpointError naming the field."""

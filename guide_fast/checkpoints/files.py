@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import struct
 from collections import OrderedDict
 from pathlib import Path
@@ -32,7 +33,7 @@ SAFETENSORS_DTYPES = {
 }
 
 
-def sha256_file(path) -> str:
+def sha256_file(path: "str | os.PathLike") -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -64,7 +65,8 @@ def read_bytes(path: Path, what: str) -> bytes:
         raise CheckpointError(f"{what} {path}: too large to read into memory") from None
 
 
-def read_torch_file(path, what: str = "file"):
+def read_torch_file(path: "str | os.PathLike",
+                    what: str = "file") -> "torch.Tensor | dict | list | tuple | int | float | str | bytes | None":
     """The contents of a torch.save file (zip or legacy), read by guide-fast's own inert parser:
     tensors, (ordered) dicts, lists, tuples, numbers and strings only; any other Python object is
     refused, and nothing in the file is ever called (stricter than torch.load(weights_only=True))."""
@@ -89,7 +91,7 @@ def read_torch_file(path, what: str = "file"):
     return _plain(value)
 
 
-def read_state_dict(path, what: str = "weight file") -> "OrderedDict[str, torch.Tensor]":
+def read_state_dict(path: "str | os.PathLike", what: str = "weight file") -> "OrderedDict[str, torch.Tensor]":
     """A state dict (name -> tensor) from a torch file, unwrapping {'state_dict': ...} and
     stripping a `module.` (DataParallel) prefix. CheckpointError naming the file on any failure."""
     path = Path(path)
@@ -122,7 +124,7 @@ def _plain(value):
     return value
 
 
-def read_npy_file(path, what: str = "file", mmap: bool = False) -> np.ndarray:
+def read_npy_file(path: "str | os.PathLike", what: str = "file", mmap: bool = False) -> np.ndarray:
     """A plain numeric .npy array (allow_pickle=False); its declared shape is checked against the
     bytes in the file before numpy allocates anything."""
     path = Path(path)
@@ -159,7 +161,8 @@ def read_npy_file(path, what: str = "file", mmap: bool = False) -> np.ndarray:
         raise CheckpointError(f"{what} {path}: unreadable .npy file (truncated?): {_first_line(exc)}") from None
 
 
-def read_safetensors(path, what: str = "file"):
+def read_safetensors(path: "str | os.PathLike",
+                     what: str = "file") -> "tuple[OrderedDict[str, torch.Tensor], dict[str, str]]":
     """-> (name -> tensor, metadata dict). The header is parsed and checked here (dtype allow-list,
     shapes, offsets inside the data and covering it exactly) before any tensor is made."""
     path = Path(path)
@@ -226,7 +229,7 @@ def _first_line(exc: Exception) -> str:
 
 
 # --------------------------------------------------------------------------- latent files
-def read_tensor_file(path, what: str = "file") -> "torch.Tensor | dict | list | tuple":
+def read_tensor_file(path: "str | os.PathLike", what: str = "file") -> "torch.Tensor | dict | list | tuple":
     """What a small tensor file holds, by its suffix: .safetensors -> dict name -> tensor (its
     checked header), .npy -> one tensor (a plain numeric array), anything else -> the contents
     of a torch.save file (read_torch_file). The latent and w_avg readers pick their tensor from it."""
@@ -242,7 +245,7 @@ def read_tensor_file(path, what: str = "file") -> "torch.Tensor | dict | list | 
 LATENT_KEYS = ("w_source", "w_u", "w", "ws", "latents", "latent", "w_plus")
 
 
-def load_latents(path, what: str = "latent file", key: str | None = None) -> torch.Tensor:
+def load_latents(path: "str | os.PathLike", what: str = "latent file", key: str | None = None) -> torch.Tensor:
     """A latent tensor from .safetensors / .pt / .pth / .npy (read without executing anything):
     the tensor itself, the entry `key`, else the entry named w_source (or w_u, w, ws, latents,
     ...), else the only tensor in the file. Returned as float32, shape as stored; complex or

@@ -26,7 +26,9 @@ from .files import check_file, read_safetensors, sha256_file
 from .keys import describe_mismatch
 
 if TYPE_CHECKING:
-    from ..eg3d.generator import TriPlaneGenerator
+    from collections.abc import Mapping
+
+    from ..eg3d.generator import GeneratorConfig, TriPlaneGenerator
 
 GENERATOR_FORMAT = "guide-fast/generator"
 FORMAT_VERSION = "1"
@@ -36,7 +38,7 @@ EXACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # widen to fp32 w
 
 
 # --------------------------------------------------------------------------- fingerprints
-def state_fingerprint(module_or_state) -> str:
+def state_fingerprint(module_or_state: "torch.nn.Module | Mapping[str, torch.Tensor]") -> str:
     """sha256 over (name, dtype, shape, bytes) of every state_dict entry: identifies a set of
     weights independently of the file format it came from."""
     state = module_or_state.state_dict() if hasattr(module_or_state, "state_dict") else module_or_state
@@ -94,7 +96,7 @@ def history_with(gen, fingerprint: str | None = None, **step) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- building
-def describe_non_finite(state) -> str | None:
+def describe_non_finite(state: "Mapping[str, torch.Tensor]") -> str | None:
     """None if every floating tensor is finite, else 'N non-finite values in K tensors (first: name)'."""
     bad = [(k, int((~torch.isfinite(v)).sum())) for k, v in state.items()
            if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
@@ -125,7 +127,8 @@ def _check_dtypes(state, source: str) -> None:
                               "generator's weights are real floating-point numbers (refusing to cast)")
 
 
-def build_and_fill(config, state, source: str, renderer: str = "reference"):
+def build_and_fill(config: "GeneratorConfig", state: "Mapping[str, torch.Tensor]", source: str,
+                   renderer: str = "reference") -> "TriPlaneGenerator":
     """Check `state` against `config` (names, shapes, dtypes, finiteness), then build the module."""
     from ..eg3d.generator import TriPlaneGenerator
 
@@ -267,13 +270,13 @@ def save_generator(gen: "TriPlaneGenerator", path: "str | os.PathLike", source_s
     return path
 
 
-def convert(src, dst) -> Path:
+def convert(src: "str | os.PathLike", dst: "str | os.PathLike") -> Path:
     """Official pickle (or own format) -> guide-fast safetensors, keeping the source sha256."""
     gen = load_generator(src)
     return save_generator(gen, dst, source_sha256=gen.source_sha256)
 
 
-def checkpoint_history(path) -> dict:
+def checkpoint_history(path: "str | os.PathLike") -> dict:
     """{fingerprint, source_sha256, history} of a generator file, for `guide-fast history`.
     A pickle's history is its own origin step."""
     gen = load_generator(path)

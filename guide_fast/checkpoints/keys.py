@@ -16,8 +16,8 @@ def fmt_shape(shape) -> str:
     return "[" + ", ".join(str(s) for s in _shape(shape)) + "]"
 
 
-def compare_keys(state: Mapping, expected: Mapping, optional_suffixes=("num_batches_tracked",),
-                 optional=()) -> list[str]:
+def compare_keys(state: Mapping, expected: Mapping, optional_suffixes: "tuple[str, ...]" = ("num_batches_tracked",),
+                 optional: "tuple[str, ...] | set[str]" = ()) -> list[str]:
     """Differences between `state` (name -> tensor) and `expected` (name -> tensor or shape), in
     expected order: 'missing KEY (expected SHAPE)', 'shape mismatch KEY: file S, expected E',
     then 'unexpected KEY SHAPE'. Keys ending in an optional suffix, or named in `optional`, may
@@ -38,8 +38,8 @@ def compare_keys(state: Mapping, expected: Mapping, optional_suffixes=("num_batc
     return diffs
 
 
-def describe_mismatch(state: Mapping, expected: Mapping, optional=(), limit: int = 4,
-                      optional_suffixes=()) -> str:
+def describe_mismatch(state: Mapping, expected: Mapping, optional: "tuple[str, ...] | set[str]" = (), limit: int = 4,
+                      optional_suffixes: "tuple[str, ...]" = ()) -> str:
     """'' when `state` matches `expected`, else one line: the counts of missing, unexpected and
     wrong-shape keys with the first `limit` of each."""
     diffs = compare_keys(state, expected, optional_suffixes=optional_suffixes, optional=optional)

@@ -7,8 +7,10 @@ numbers match the file-based pipeline without the disk traffic.
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,6 +19,9 @@ from ..errors import InputError
 from ..plan import ExecutionPlan
 from .noise import side_generators
 from .views import NUM_ID_VIEWS, EvalCamera, embed, nanmean, paired_cosine, view_scores
+
+if TYPE_CHECKING:
+    from ..identity.scorer import IdentityScorer
 
 
 # ------------------------------------------------------------------------------------ images
@@ -37,7 +42,7 @@ def sync(device) -> None:
 
 
 # ------------------------------------------------------------------------ identity networks
-def fastest_identity_backend(device) -> str:
+def fastest_identity_backend(device: "torch.device | str") -> str:
     """The fastest IdentityScorer backend usable here: TensorRT on CUDA when it works, else torch
     (bf16 + CUDA graph); on a CPU onnxruntime when installed (faster than eager torch for the IR
     nets), else torch."""
@@ -49,7 +54,8 @@ def fastest_identity_backend(device) -> str:
     return "onnxruntime" if "onnxruntime" in usable else "torch"
 
 
-def make_scorer(weights, device, batch_size: int = 64, backend: str | None = None):
+def make_scorer(weights: "str | os.PathLike | torch.nn.Module", device: "torch.device | str", batch_size: int = 64,
+                backend: str | None = None) -> "IdentityScorer":
     """An IdentityScorer for the evaluation network (CurricularFace IR-101) from a weight file,
     an exported .onnx, or a backbone module, on the fastest backend available unless one is named."""
     from ..identity.scorer import IdentityScorer

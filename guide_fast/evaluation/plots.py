@@ -2,6 +2,7 @@
 the before/after view grid), each written atomically."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,7 +13,9 @@ if TYPE_CHECKING:
     from .config import EvalResult
 
 
-def write_outputs(result: "EvalResult", out_dir, *, kept=(None, None), report: dict | None = None) -> list[str]:
+def write_outputs(result: "EvalResult", out_dir: "str | os.PathLike", *,
+                  kept: "tuple[torch.Tensor | None, torch.Tensor | None]" = (None, None),
+                  report: dict | None = None) -> list[str]:
     """eval.json and the PNG plots, each written atomically; sets result.files. Returns the file names."""
     from ..io import write_json
 

@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .. import cameras
 from ..errors import GuideFastError, InputError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ..identity.scorer import IdentityScorer
 
 NUM_ID_VIEWS = 11
 DEFAULT_YAW_RANGE = math.pi / 12
@@ -55,11 +61,11 @@ class EvalCamera:
         """The 11 ID views' yaws (float32; equal to torch.linspace of the same range)."""
         return torch.tensor(view_yaws(self.yaw_range, NUM_ID_VIEWS), dtype=torch.float32)
 
-    def labels(self, yaws, device) -> torch.Tensor:
+    def labels(self, yaws: "torch.Tensor | np.ndarray | Sequence[float]", device: "torch.device | str") -> torch.Tensor:
         return cameras.pose_label(torch.as_tensor(yaws, dtype=torch.float32), self.pitch, fov_degrees=self.fov_degrees,
                                   lookat=self.lookat, radius=self.radius).to(device)
 
-    def conditioning(self, batch: int, device) -> torch.Tensor:
+    def conditioning(self, batch: int, device: "torch.device | str") -> torch.Tensor:
         # docs/guide.md §3.2: the mapping is conditioned on the frontal camera with the same intrinsics.
         return cameras.frontal_label(batch, fov_degrees=self.fov_degrees, lookat=self.lookat,
                                      radius=self.radius).to(device)
@@ -126,7 +132,8 @@ def embed(scorer, images: torch.Tensor, align: str | None = None) -> torch.Tenso
     return emb
 
 
-def score_view_renders(scorer, before: torch.Tensor, after: torch.Tensor, align: str | None = None) -> dict:
+def score_view_renders(scorer: "IdentityScorer", before: torch.Tensor, after: torch.Tensor,
+                       align: str | None = None) -> dict:
     """`view_scores` of renders [K, V, 3, H, W] before and after (V views per identity)."""
     if before.shape != after.shape or before.ndim != 5:
         raise InputError(f"view renders must both be [K, V, 3, H, W], got {list(before.shape)} and {list(after.shape)}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,11 @@ import torch.nn.functional as F
 
 from ..errors import GuideFastError, InputError
 from .preprocess import normalize_uint8, to_rgb_uint8
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from .preprocess import ImageLike
 
 # get_reference_facial_points(default_square=True): the 96x112 points with 8 px added to x
 # (docs/face_models.md §2.3 step 3). Order: left eye, right eye, nose, left / right mouth corner, where
@@ -66,7 +72,7 @@ _DETECT_CHUNK = 16
 class NoFaceError(InputError):
     """No face was found in an image. `indices` lists the images (batch calls)."""
 
-    def __init__(self, message: str, indices=()):
+    def __init__(self, message: str, indices: "Sequence[int]" = ()):
         super().__init__(message)
         self.indices = list(indices)
 
@@ -74,7 +80,7 @@ class NoFaceError(InputError):
 class MultipleFacesError(InputError):
     """strict=True and the image holds several faces; `faces` lists them."""
 
-    def __init__(self, message: str, faces=()):
+    def __init__(self, message: str, faces: "Sequence[Face]" = ()):
         super().__init__(message)
         self.faces = list(faces)
 
@@ -161,7 +167,7 @@ def _fit_nonreflective(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return np.linalg.inv(dst_to_src)
 
 
-def similarity_transform(src_points, dst_points, reflective: bool = True) -> np.ndarray:
+def similarity_transform(src_points: np.ndarray, dst_points: np.ndarray, reflective: bool = True) -> np.ndarray:
     """2x3 matrix mapping src_points (e.g. detected landmarks) onto dst_points (the reference),
     as `get_similarity_transform_for_cv2(src, dst)` of GUIDE's matlab_cp2tform.py.
 
@@ -185,7 +191,7 @@ def similarity_transform(src_points, dst_points, reflective: bool = True) -> np.
     return best[:2].copy()
 
 
-def apply_transform(matrix: np.ndarray, points) -> np.ndarray:
+def apply_transform(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     """Map [K, 2] points with a 2x3 matrix."""
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     m = np.asarray(matrix, dtype=np.float64)
@@ -196,7 +202,7 @@ def apply_transform(matrix: np.ndarray, points) -> np.ndarray:
 # Warp (cv2.warpAffine semantics)
 # ---------------------------------------------------------------------------------------------
 
-def warp_affine(image: np.ndarray, matrix: np.ndarray, size) -> np.ndarray:
+def warp_affine(image: np.ndarray, matrix: np.ndarray, size: "int | tuple[int, int]") -> np.ndarray:
     """uint8 HxWx3 -> uint8 (size_h x size_w x 3): out(x, y) = image(M^-1 (x, y)) with bilinear
     interpolation, integer pixel centres and a black constant border, rounded to uint8, as
     `cv2.warpAffine(img, M, (w, h))` with its defaults.
@@ -278,16 +284,18 @@ def _order(faces: list, select: str) -> list:
     raise InputError(f"select must be 'largest' or 'probability', got {select!r}")
 
 
-def detect_faces(image, *, thresholds=DEFAULT_THRESHOLDS, min_face_size: int = MIN_FACE_SIZE,
-                 max_side: int = DEFAULT_MAX_DETECT_SIDE, select: str = "largest", device=None) -> list:
+def detect_faces(image: "ImageLike", *, thresholds: "tuple[float, float, float]" = DEFAULT_THRESHOLDS,
+                 min_face_size: int = MIN_FACE_SIZE, max_side: int = DEFAULT_MAX_DETECT_SIDE, select: str = "largest",
+                 device: "torch.device | str | None" = None) -> list:
     """Every face in one image as `Face`s, largest first (select="largest") or most probable first
     (select="probability", GUIDE's order). An image without faces gives an empty list."""
     return detect_faces_batch([image], thresholds=thresholds, min_face_size=min_face_size,
                               max_side=max_side, select=select, device=device)[0]
 
 
-def detect_faces_batch(images, *, thresholds=DEFAULT_THRESHOLDS, min_face_size: int = MIN_FACE_SIZE,
-                       max_side: int = DEFAULT_MAX_DETECT_SIDE, select: str = "largest", device=None) -> list:
+def detect_faces_batch(images: "Sequence[ImageLike]", *, thresholds: "tuple[float, float, float]" = DEFAULT_THRESHOLDS,
+                       min_face_size: int = MIN_FACE_SIZE, max_side: int = DEFAULT_MAX_DETECT_SIDE,
+                       select: str = "largest", device: "torch.device | str | None" = None) -> list:
     """`detect_faces` for a list of images; images of equal size go through MTCNN together."""
     if select not in ("largest", "probability"):
         raise InputError(f"select must be 'largest' or 'probability', got {select!r}")
@@ -364,7 +372,7 @@ def _describe_faces(faces) -> str:
     return "; ".join(f"[{i}] {f.describe()}" for i, f in enumerate(faces))
 
 
-def choose_face(faces: list, image_size, index: int | None = None, strict: bool = False) -> int:
+def choose_face(faces: list, image_size: "tuple[int, int]", index: int | None = None, strict: bool = False) -> int:
     """Index of the face to align: 0 (the first in `select` order) by default; `index` picks
     another; `strict` refuses several faces. Raises NoFaceError / MultipleFacesError / InputError."""
     w, h = image_size
@@ -384,9 +392,10 @@ def choose_face(faces: list, image_size, index: int | None = None, strict: bool 
     return 0
 
 
-def align_face(image, index: int | None = None, strict: bool = False, *, size: int = ALIGNED_SIZE,
-               select: str = "largest", thresholds=DEFAULT_THRESHOLDS, min_face_size: int = MIN_FACE_SIZE,
-               max_side: int = DEFAULT_MAX_DETECT_SIDE, device=None, faces: list | None = None) -> AlignedFace:
+def align_face(image: "ImageLike", index: int | None = None, strict: bool = False, *, size: int = ALIGNED_SIZE,
+               select: str = "largest", thresholds: "tuple[float, float, float]" = DEFAULT_THRESHOLDS,
+               min_face_size: int = MIN_FACE_SIZE, max_side: int = DEFAULT_MAX_DETECT_SIDE,
+               device: "torch.device | str | None" = None, faces: list | None = None) -> AlignedFace:
     """Detect faces, pick one and warp it onto GUIDE's 112x112 reference points (scaled to `size`).
 
     image: PIL image, numpy array (gray, RGB, RGBA; uint8 or float in [0,1]) or a [3,H,W] tensor
@@ -409,8 +418,9 @@ def _align_with(arr: np.ndarray, faces: list, i: int, size: int) -> AlignedFace:
                        source_size=(arr.shape[1], arr.shape[0]))
 
 
-def align_faces(images, *, size: int = ALIGNED_SIZE, select: str = "largest", thresholds=DEFAULT_THRESHOLDS,
-                min_face_size: int = MIN_FACE_SIZE, max_side: int = DEFAULT_MAX_DETECT_SIDE, device=None) -> list:
+def align_faces(images: "Sequence[ImageLike]", *, size: int = ALIGNED_SIZE, select: str = "largest",
+                thresholds: "tuple[float, float, float]" = DEFAULT_THRESHOLDS, min_face_size: int = MIN_FACE_SIZE,
+                max_side: int = DEFAULT_MAX_DETECT_SIDE, device: "torch.device | str | None" = None) -> list:
     """Batch alignment for scoring: one AlignedFace per image (its first face in `select` order),
     or None where no face is found. Detection of equal-size images is batched."""
     arrays = [to_rgb_uint8(im, name=f"image {i}") for i, im in enumerate(images)]

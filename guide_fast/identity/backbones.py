@@ -125,14 +125,14 @@ class IRBackbone(nn.Module):
                 in_channels = depth
         self.body = nn.Sequential(*units)
 
-    def features(self, x):
+    def features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input_layer(x)
         x = self.body(x)
         # nn.Flatten works on the logical NCHW shape, so the (C, H, W) order of §6.4 holds even
         # for a channels_last tensor (it then copies).
         return self.output_layer(x)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return l2_normalize(self.features(x))
 
 
@@ -141,7 +141,7 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return x / torch.norm(x, 2, 1, True)
 
 
-def build_backbone(kind: str, seed: int | None = None, device=None) -> IRBackbone:
+def build_backbone(kind: str, seed: int | None = None, device: "torch.device | str | None" = None) -> IRBackbone:
     """A randomly initialised backbone in eval mode (tests, demo, benchmarks).
 
     With a seed, BatchNorm running statistics and affine parameters are also randomised (mildly)

@@ -10,11 +10,20 @@ Also the conversions between the image kinds the package accepts.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Union
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    import PIL.Image
+
+    #: One image as the identity code takes it: a PIL image, a numpy array (HxW, HxWx1/3/4;
+    #: uint8 or float in [0, 1]) or a [3, H, W] tensor in [-1, 1].
+    ImageLike = Union[PIL.Image.Image, np.ndarray, torch.Tensor]
 
 IDLOSS_RESIZE = 256
 IDLOSS_CROP = (slice(35, 223), slice(32, 220))  # rows, columns of the 256 image (188 x 188)
@@ -36,7 +45,7 @@ def idloss_crop(images: torch.Tensor) -> torch.Tensor:
     return F.adaptive_avg_pool2d(x, (FACE_SIZE, FACE_SIZE))
 
 
-def normalize_uint8(images) -> torch.Tensor:
+def normalize_uint8(images: "np.ndarray | torch.Tensor") -> torch.Tensor:
     """uint8 RGB images [N,H,W,3] (array or tensor) or [H,W,3] -> float [N,3,H,W] in [-1,1]:
     ToTensor (/255) then Normalize([0.5]*3, [0.5]*3) (docs/face_models.md §2.3 step 4)."""
     t = torch.as_tensor(np.ascontiguousarray(images) if isinstance(images, np.ndarray) else images)
@@ -61,7 +70,7 @@ def renders_to_uint8(images: torch.Tensor) -> np.ndarray:
     return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def to_rgb_uint8(image, name: str = "image") -> np.ndarray:
+def to_rgb_uint8(image: "ImageLike", name: str = "image") -> np.ndarray:
     """One image of any common kind -> contiguous uint8 HxWx3 RGB array.
 
     Accepts a PIL image (any mode: grayscale, RGBA, palette, 16-bit, ...), a numpy array HxW,

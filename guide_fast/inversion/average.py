@@ -15,10 +15,14 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    from ..eg3d.generator import TriPlaneGenerator
 
 MAPPING_BUFFER = "mapping buffer"
 
@@ -33,12 +37,12 @@ class AverageLatent:
     path: str | None = None
 
     @classmethod
-    def from_generator(cls, generator) -> "AverageLatent":
+    def from_generator(cls, generator: "TriPlaneGenerator") -> "AverageLatent":
         """The mapping network's buffer [w_dim], repeated for every layer."""
         buf = generator.w_avg.detach().float().cpu()
         return cls(buf.reshape(1, -1).expand(generator.num_ws, -1).clone(), MAPPING_BUFFER)
 
-    def to(self, device) -> torch.Tensor:
+    def to(self, device: "torch.device | str") -> torch.Tensor:
         return self.latent.to(device)
 
     def to_dict(self) -> dict:
@@ -96,7 +100,8 @@ def _read_tensor(path: Path, label: str) -> torch.Tensor:
     return obj
 
 
-def load_w_avg(path, generator=None, what: str = "w_avg file") -> AverageLatent:
+def load_w_avg(path: "str | os.PathLike", generator: "TriPlaneGenerator | None" = None,
+               what: str = "w_avg file") -> AverageLatent:
     """Read a w_avg file for `generator` (None: GUIDE's 14 x 512 layout): GUIDE's [14, 512]
     tensor, also [1, 14, 512] or [512] (then repeated per layer); floating point and finite.
     Errors name the file and the problem (InputError / CheckpointError, exit code 2 in the CLI)."""
@@ -109,7 +114,8 @@ def load_w_avg(path, generator=None, what: str = "w_avg file") -> AverageLatent:
     return AverageLatent(latent, f"file {sha256_file(path)}", str(path))
 
 
-def resolve_w_avg(w_avg, generator) -> AverageLatent:
+def resolve_w_avg(w_avg: "str | os.PathLike | torch.Tensor | AverageLatent | None",
+                  generator: "TriPlaneGenerator") -> AverageLatent:
     """None: the mapping buffer; a path: load_w_avg; a tensor ([w_dim], [num_ws, w_dim] or
     [1, num_ws, w_dim]); an AverageLatent: checked against the generator."""
     if w_avg is None:
@@ -123,7 +129,8 @@ def resolve_w_avg(w_avg, generator) -> AverageLatent:
     raise InputError(f"w_avg must be a file path, a tensor or None (the mapping buffer), got {type(w_avg).__name__}")
 
 
-def w_avg_distance(w_avg, generator) -> dict:
+def w_avg_distance(w_avg: "str | os.PathLike | torch.Tensor | AverageLatent | None",
+                   generator: "TriPlaneGenerator") -> dict:
     """How far a w_avg (file path, tensor or AverageLatent) is from the generator's mapping
     buffer repeated per layer: max_abs = max |file - buffer|, rel_frobenius = ||file - buffer||_F /
     ||buffer||_F (over all num_ws x w_dim entries), and the layer with the largest difference."""

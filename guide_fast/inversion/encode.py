@@ -11,12 +11,19 @@ quirk, and then the forward runs under the global RNG state GUIDE's own run has 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import InputError
 from ..seeds import official_rng
 from .average import AverageLatent
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from ..eg3d.generator import TriPlaneGenerator
+    from .framing import AlignedPhoto
 
 ENCODER_MODES = ("eval", "official")
 
@@ -36,7 +43,9 @@ def resolve_encoder(encoder, device, mode: str = "eval"):
     return encoder
 
 
-def encode_photos(encoder, photos, generator, w_avg: AverageLatent, device, *, seed: int = 0) -> torch.Tensor:
+def encode_photos(encoder: "Callable[[torch.Tensor], torch.Tensor | tuple]", photos: "Sequence[AlignedPhoto]",
+                  generator: "TriPlaneGenerator", w_avg: AverageLatent, device: "torch.device | str", *,
+                  seed: int = 0) -> torch.Tensor:
     """W+ latents [N, num_ws, w_dim] (float32, on `device`) of aligned photos: one forward of
     the whole batch, offsets + w_avg."""
     x = torch.cat([p.encoder_input() for p in photos]).to(device)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -62,6 +63,11 @@ from ..identity.align import (
     warp_affine,
 )
 from .photo import expand_photo_sources, load_photo
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from .photo import PhotoSource
 
 # ---------------------------------------------------------------------------------------------
 # Framing constants (module docstring)
@@ -134,7 +140,7 @@ class AlignedPhoto:
     def size(self) -> int:
         return int(self.image.shape[0])
 
-    def tensor(self, resolution: int | None = None, device=None) -> torch.Tensor:
+    def tensor(self, resolution: int | None = None, device: "torch.device | str | None" = None) -> torch.Tensor:
         """[1, 3, r, r] float in [-1, 1] (u / 127.5 - 1, the inverse of the generator's uint8
         conversion, docs/guide.md §3.3), resized with an antialiased bilinear filter."""
         x = torch.from_numpy(np.array(self.image, dtype=np.uint8)).to(device).permute(2, 0, 1)[None].float()
@@ -144,7 +150,7 @@ class AlignedPhoto:
             x = F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False, antialias=True)
         return x
 
-    def encoder_input(self, device=None) -> torch.Tensor:
+    def encoder_input(self, device: "torch.device | str | None" = None) -> torch.Tensor:
         """[1, 3, 256, 256]: GOAE's own input path (docs/guide.md §3.3: PIL bicubic resize to
         256, x / 127.5 - 1), from `goae.preprocess_for_goae`."""
         from PIL import Image
@@ -188,7 +194,7 @@ def pos_fit(points: np.ndarray, template: np.ndarray = LM3D_STD) -> tuple[np.nda
     return np.array([k[3], k[7]]), float(s)
 
 
-def framing_matrix(landmarks, size: int = EG3D_OUTPUT_SIZE, method: str = "similarity") -> np.ndarray:
+def framing_matrix(landmarks: np.ndarray, size: int = EG3D_OUTPUT_SIZE, method: str = "similarity") -> np.ndarray:
     """2x3 matrix from source pixels to the size x size EG3D/FFHQ crop (module docstring)."""
     if method not in ALIGN_METHODS:
         raise InputError(f"alignment method must be one of {ALIGN_METHODS}, got {method!r}")
@@ -228,10 +234,10 @@ def _rename_error(exc: InputError, name: str) -> InputError:
     return InputError(msg)
 
 
-def align_photo(image, index: int | None = None, strict: bool = False, size: int = EG3D_OUTPUT_SIZE, *,
-                method: str = "similarity", device=None, thresholds=DEFAULT_THRESHOLDS,
-                min_face_size: int = MIN_FACE_SIZE, max_side: int = DEFAULT_MAX_DETECT_SIDE,
-                name: str | None = None) -> AlignedPhoto:
+def align_photo(image: "PhotoSource", index: int | None = None, strict: bool = False, size: int = EG3D_OUTPUT_SIZE, *,
+                method: str = "similarity", device: "torch.device | str | None" = None,
+                thresholds: "tuple[float, float, float]" = DEFAULT_THRESHOLDS, min_face_size: int = MIN_FACE_SIZE,
+                max_side: int = DEFAULT_MAX_DETECT_SIDE, name: str | None = None) -> AlignedPhoto:
     """Detect faces (MTCNN), pick one and cut it to EG3D's FFHQ framing at size x size.
 
     image: a path or an image (see load_photo). The largest face is used by default; `index`
@@ -264,7 +270,7 @@ def align_photo(image, index: int | None = None, strict: bool = False, size: int
     )
 
 
-def pre_aligned_photo(image, name: str | None = None) -> AlignedPhoto:
+def pre_aligned_photo(image: "PhotoSource", name: str | None = None) -> AlignedPhoto:
     """A photo already in EG3D framing (an EG3D/FFHQ-preprocessed crop or a generator render):
     used as it is, without detection. It must be square."""
     arr, label = load_photo(image, name)
@@ -278,8 +284,9 @@ def pre_aligned_photo(image, name: str | None = None) -> AlignedPhoto:
                         method="pre-aligned")
 
 
-def prepare_photos(images, *, align: bool = True, index=None, strict: bool = False, method: str = "similarity",
-                   size: int = EG3D_OUTPUT_SIZE, device=None, **detect_kwargs) -> list:
+def prepare_photos(images: "PhotoSource | Sequence[PhotoSource]", *, align: bool = True, index: int | None = None,
+                   strict: bool = False, method: str = "similarity", size: int = EG3D_OUTPUT_SIZE,
+                   device: "torch.device | str | None" = None, **detect_kwargs) -> list:
     """Every photo aligned (or taken as pre-aligned) before any inversion starts, so that a bad
     photo fails fast. images: one photo or a list; a folder stands for its photos (sorted by
     name, see list_photos); index: one int for all, or one per photo."""

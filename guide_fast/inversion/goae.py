@@ -37,7 +37,7 @@ import dataclasses
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +46,9 @@ from torch import nn
 
 from ..errors import CheckpointError, InputError
 from .swin import SwinV2Backbone, relative_position_index
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 W_DIM = 512
 NUM_WS = 14
@@ -405,7 +408,8 @@ def _to_pil(image, index: int):
     raise InputError(f"image {index}: a PIL image or a uint8 array expected, got {type(image).__name__}")
 
 
-def preprocess_for_goae(images, size: int = INPUT_SIZE) -> torch.Tensor:
+def preprocess_for_goae(images: "PIL.Image.Image | np.ndarray | Sequence[PIL.Image.Image | np.ndarray]",
+                        size: int = INPUT_SIZE) -> torch.Tensor:
     """GUIDE's encoder input: each image converted to RGB, resized to size x size with PIL's
     bicubic filter (Image.resize's default for RGB), then pixels / 127.5 - 1 in float32.
 

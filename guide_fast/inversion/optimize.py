@@ -179,7 +179,7 @@ class InversionResult:
             d["loss_first_last"] = [self.losses[0], self.losses[-1]]
         return d
 
-    def save_images(self, folder, prefix: str = "") -> list:
+    def save_images(self, folder: "str | os.PathLike", prefix: str = "") -> list:
         """Write `{prefix}aligned.png` (the crop) and `{prefix}reconstruction.png`, atomically."""
         from ..io import save_image
 

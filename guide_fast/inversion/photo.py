@@ -14,6 +14,8 @@ from ..errors import InputError
 from ..identity.preprocess import to_rgb_uint8
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import PIL.Image
     import torch
 
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-def load_photo(source, name: str | None = None) -> tuple[np.ndarray, str]:
+def load_photo(source: "PhotoSource", name: str | None = None) -> tuple[np.ndarray, str]:
     """A photo -> (uint8 HxWx3 RGB array, display name).
 
     source: a path (JPEG, PNG, ...; EXIF orientation applied), a PIL image, a numpy array (gray,
@@ -57,7 +59,7 @@ def load_photo(source, name: str | None = None) -> tuple[np.ndarray, str]:
     return to_rgb_uint8(source, name=label), label
 
 
-def list_photos(folder) -> list[Path]:
+def list_photos(folder: "str | os.PathLike") -> list[Path]:
     """The image files directly in a folder, sorted by name (GUIDE's OOD protocol sorts the
     folder's names too, docs/guide.md §3.3). Files with other suffixes are skipped."""
     path = Path(folder)
@@ -69,7 +71,7 @@ def list_photos(folder) -> list[Path]:
     return found
 
 
-def expand_photo_sources(images) -> list:
+def expand_photo_sources(images: "PhotoSource | Sequence[PhotoSource]") -> list:
     """One photo, a list of photos, or folders among them -> a flat list; each folder becomes
     its photos (list_photos order). Non-path items (arrays, PIL images, ...) pass through."""
     items = list(images) if isinstance(images, (list, tuple)) else [images]
