@@ -48,7 +48,10 @@ def _time(fn) -> float:
 
 def memory_format_ab(gen, lpips, batch=5):
     """fwd+bwd ms of SR, LPIPS and the backbone in NCHW and channels_last (bf16 autocast)."""
+    from guide_fast import ExecutionPlan
+
     dev = next(gen.parameters()).device
+    bf16 = ExecutionPlan.resolve(dev, precision="bf16")  # the fast path's autocast, from the one plan
     cfg = gen.config
     res = gen.neural_rendering_resolution
     ws = gen.mapping(torch.randn(batch, cfg.z_dim, device=dev), torch.zeros(batch, 25, device=dev)).detach()
@@ -68,17 +71,17 @@ def memory_format_ab(gen, lpips, batch=5):
         img = img0.contiguous(memory_format=fmt).requires_grad_(True)
 
         def sr():
-            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            with bf16.autocast(cache_enabled=False):
                 out = gen.superresolution(feat[:, :3], feat, ws, noise_mode="none")
             out.float().square().mean().backward()
 
         def lp():
-            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            with bf16.autocast(cache_enabled=False):
                 out = lpips(img, img0.contiguous(memory_format=fmt))
             out.float().sum().backward()
 
         def bb():
-            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            with bf16.autocast(cache_enabled=False):
                 out = gen.planes(ws, noise_mode="const", validate=False)
             out.float().square().mean().backward()
 

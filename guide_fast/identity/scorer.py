@@ -85,14 +85,19 @@ class _TorchRunner:
     input shape (the embedding is normalised in fp32)."""
 
     def __init__(self, backbone: torch.nn.Module, device: torch.device, precision: str, cuda_graph: bool | None):
-        if precision == "auto":
-            precision = "bf16" if device.type == "cuda" else "fp32"
+        if precision == "auto" or cuda_graph is None:
+            # the fast path's "auto", decided in one place: bf16 and graph capture on CUDA
+            from ..plan import ExecutionPlan
+
+            auto = ExecutionPlan.resolve(device)
+            precision = auto.precision if precision == "auto" else precision
+            cuda_graph = auto.cuda_graph if cuda_graph is None else cuda_graph
         if precision not in ("fp32", "bf16"):
             raise InputError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
         self.precision = precision
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.device = device
-        self.use_graph = (device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
+        self.use_graph = bool(cuda_graph)
         if self.use_graph and device.type != "cuda":
             raise InputError("cuda_graph=True needs a CUDA device")
         param = next(backbone.parameters())

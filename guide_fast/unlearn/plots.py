@@ -153,6 +153,17 @@ def _figure_pixels(fig) -> np.ndarray:
     return np.ascontiguousarray(rgba[..., :3])
 
 
+def _finish(plt, fig, title: str, random_weights: bool) -> np.ndarray:
+    """A chart's title (flagged when the networks are random), laid out, as pixels; closes fig."""
+    if random_weights:
+        title = "RANDOM WEIGHTS  ·  " + title
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    pixels = _figure_pixels(fig)
+    plt.close(fig)
+    return pixels
+
+
 def _tiles(imgs: torch.Tensor, size: int) -> np.ndarray:
     """[V, 3, h, w] in [-1, 1] -> one uint8 row [size, V * size, 3]."""
     imgs = imgs.float()
@@ -250,13 +261,7 @@ def losses_figure(result, random_weights: bool = False) -> np.ndarray:
     axes[0, 0].legend(fontsize=8)
     title = (f"GUIDE losses: {len(rows)} logged steps, lr {cfg.lr:g}, target {cfg.target}; "
              "adjacency and global draw new samples every step")
-    if random_weights:
-        title = "RANDOM WEIGHTS  ·  " + title
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    pixels = _figure_pixels(fig)
-    plt.close(fig)
-    return pixels
+    return _finish(plt, fig, title, random_weights)
 
 
 def identity_figure(pictures: RunPictures) -> np.ndarray:
@@ -298,13 +303,7 @@ def identity_figure(pictures: RunPictures) -> np.ndarray:
         ax.grid(axis="y", alpha=0.3)
         ax.set_title(f"scorer: {ident['scorer']}", fontsize=9)
     title = "Identity similarity to the source: forgotten identities should drop, held-out ones stay"
-    if pictures.random_weights:
-        title = "RANDOM WEIGHTS  ·  " + title
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    pixels = _figure_pixels(fig)
-    plt.close(fig)
-    return pixels
+    return _finish(plt, fig, title, pictures.random_weights)
 
 
 def write_pictures(folder, result, pictures: RunPictures) -> list:
