@@ -7,10 +7,10 @@ torchvision's vgg16().features after the ScalingLayer (x - shift) / scale.
 
 Weights: the trunk comes from torchvision's ImageNet file `vgg16-397923af.pth` (a plain
 state_dict; only `features.*` is used), the 1x1 heads from lpips' `weights/v0.1/vgg.pth`
-(legacy serialisation with CUDA-tagged tensors, hence map_location="cpu"). Both are read with
-`torch.load(weights_only=True)`. The state_dict of this module uses the lpips package's names
-(`scaling_layer.*`, `net.slice{s}.{i}.*`, `lin{k}.model.1.weight`) without the duplicate
-`lins.*` aliases (§6.5), so weights copy between the two by name.
+(legacy serialisation with CUDA-tagged tensors, read onto the CPU). Both are read through
+guide_fast.checkpoints.files, which runs nothing from a file. The state_dict of this module
+uses the lpips package's names (`scaling_layer.*`, `net.slice{s}.{i}.*`, `lin{k}.model.1.weight`)
+without the duplicate `lins.*` aliases (§6.5), so weights copy between the two by name.
 """
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ Google Drive folder; the others from their upstream projects, docs/guide.md §2)
 in one folder and `guide-fast weights --dir D` reports, for each, whether it is found, valid
 (loads with the expected keys / shapes) or missing, and where it comes from.
 
-Every state_dict is read with `torch.load(weights_only=True)`; the EG3D pickle goes through
-`guide_fast.checkpoints.load_generator` (its restricted unpickler).
+Every state_dict is read by guide_fast.checkpoints.files (an inert parser: nothing in a file is
+run); the EG3D pickle goes through `guide_fast.checkpoints.load_generator`.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ class WeightStatus:
 # ---------------------------------------------------------------------------------------------
 
 def _state_dict(path, what):
-    from .identity.backbones import read_state_dict
+    from .checkpoints.files import read_state_dict
 
     return read_state_dict(path, what)
 
@@ -108,7 +108,8 @@ def validate_eg3d(path) -> str:
 
 
 def _validate_backbone(path, kind) -> str:
-    from .identity.backbones import DESCRIPTIONS, compare_keys, expected_keys
+    from .checkpoints.keys import compare_keys
+    from .identity.backbones import DESCRIPTIONS, expected_keys
 
     state = _state_dict(path, "face-recognition weight file")
     diffs = compare_keys(state, expected_keys(kind))

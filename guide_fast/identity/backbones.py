@@ -6,7 +6,7 @@ release, `CurricularFace_Backbone.pth`): module attributes are registered in the
 input_layer, output_layer, body (§1.3: output_layer is listed before body), and inside a unit
 shortcut_layer before res_layer.
 
-`load_backbone(path)` reads a file with `torch.load(weights_only=True)`, works out which of the
+`load_backbone(path)` reads a file through checkpoints.files (nothing in it runs), works out which of the
 two networks it holds from its keys and shapes, and refuses anything else with the first
 differences listed.
 """

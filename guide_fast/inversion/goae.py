@@ -321,7 +321,7 @@ def check_state(state, path, config: GOAEConfig = OFFICIAL) -> "OrderedDict[str,
 
 
 def read_encoder_state(path) -> "OrderedDict[str, torch.Tensor]":
-    """The file as a state_dict: torch.load(weights_only=True) on CPU (code in the file never
+    """The file as a state_dict, read on the CPU by checkpoints.files (code in the file never
     runs). The official file is a bare state_dict; a {'state_dict': ...} wrapper or a
     DataParallel `module.` prefix is taken off."""
     from ..checkpoints import read_torch_file
