@@ -39,7 +39,7 @@ def add_commands(sub) -> None:
     p.add_argument("--real-features", metavar="F.npy", help="[N, 2048] Inception features of real images -> ΔFID_real")
     p.add_argument("--samples", type=int, default=5000, help="paired samples for FID_pre (GUIDE: 5000; 0 skips)")
     p.add_argument("--preserve", type=int, default=256, help="random identities scored for preservation (0 skips)")
-    p.add_argument("--detector", choices=["guide", "facenet"], default="guide",
+    p.add_argument("--detector", choices=["guide", "facenet"], default=None,
                    help="MTCNN of the mtcnn alignment: guide (GUIDE's own port, as its evaluate_id.py; the default, "
                         "for numbers comparable with the paper) or facenet (facenet-pytorch's detector)")
     p.add_argument("--noise", choices=["official", "paired"], default="official",
@@ -114,6 +114,8 @@ def _load_run(run_dir: Path, renderer, device, notes: list):
     from ..errors import CheckpointError
     from .generator import resolve_generator
 
+    if run_dir.is_file():
+        raise CheckpointError(f"{run_dir} is a file; --run expects the folder written by `guide-fast unlearn --out`")
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory not found: {run_dir}")
     report_path = run_dir / "report.json"
@@ -171,6 +173,10 @@ def _evaluate(args) -> int:
         raise InputError(f"--preserve must be >= 0 (0 skips preservation), got {args.preserve}")
     if args.run and (args.unlearned or args.latent):
         raise InputError("give either --run DIR or --unlearned/--latent, not both")
+    if args.detector is not None and (args.align or ("crop" if args.random_nets else "mtcnn")) == "crop":
+        raise InputError(f"--detector {args.detector} picks the MTCNN of --align mtcnn, but the alignment is crop"
+                         f"{'' if args.align else ' (the default with --random-nets)'}: no detector runs; "
+                         "drop --detector or give --align mtcnn")
     # Output: into the run directory (the default with --run: the evaluation's files join the
     # run's), or a folder of its own (--out, else ./eval_out) written as a whole. Checked before
     # any work; an earlier evaluation in the run directory is looked for once the inputs are read.
@@ -262,7 +268,7 @@ def _evaluate(args) -> int:
         staging = staged_folder(out, flag="--out", overwrite=args.overwrite)
     with staging as stage:  # the files appear together once all are written
         config = EvalConfig(num_fid_samples=args.samples, preserve_samples=args.preserve, align=align,
-                            detector=args.detector, noise=args.noise, batch_size=batch_size, seed=args.seed,
+                            detector=args.detector or "guide", noise=args.noise, batch_size=batch_size, seed=args.seed,
                             fid_method=args.fid_method, plan=plan, verbose=not args.quiet)
         result = evaluate(source, unlearned, w_source=w_source, scorer=scorer, inception=inception, others=others,
                           real_features=args.real_features, diversity_generators=diversity, out_dir=stage,

@@ -10,6 +10,12 @@ DEMO_ITERATIONS = 24
 DEMO_LR = 5e-4
 DEMO_SEED = 7
 DEMO_VIEWS = 5
+# GUIDE's distances are in FFHQ EG3D's W+ units (d = 30, alpha <= 15: docs/guide.md §3.4, §3.5(b)).
+# The tiny generator's W+ is smaller (mean ||w - w_avg||_F = 16 over seeds), where d = 30 puts the
+# UFO target at twice an identity's distance from the average and alpha up to 15 makes every other
+# identity "adjacent": the demo scales both to the tiny W+ so that it forgets one identity, not all.
+DEMO_TARGET_DISTANCE = 8.0
+DEMO_ALPHA_MAX = 4.0
 DEMO_SCORER = "CurricularFace IR-101 (random weights)"
 DEMO_OUT = "demo_out"
 
@@ -126,6 +132,13 @@ def check_unlearn_flags(args, device) -> None:
     check_positive(args.iters, "--iters")
     if not args.lr > 0 or args.lr == float("inf"):
         raise InputError(f"--lr must be a positive number, got {args.lr}")
+    # checked even in one process: a typo is refused the same way whether or not torchrun launched the run
+    if not 0 < args.dist_timeout < float("inf"):
+        raise InputError(f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}")
+    if args.seed is not None and len(set(args.seed)) < len(args.seed):
+        twice = sorted({s for s in args.seed if args.seed.count(s) > 1})
+        raise InputError(f"--seed {' '.join(map(str, twice))} given more than once: each identity is unlearned once "
+                         "(a repeated seed would double its weight in the joint loss)")
     if args.baseline and args.target == "extra":
         raise InputError("--baseline is defined by the average-face target (and the local loss only); "
                          "--target extra contradicts it: drop --baseline for GUIDE's extrapolated target, "
@@ -161,12 +174,14 @@ def check_inversion_flags(args) -> None:
                              "instead of --invert-steps")
         if args.refine_steps is not None and args.refine_steps < 0:
             raise InputError(f"--refine-steps must be >= 0, got {args.refine_steps}")
+        _check_not_one_step(args.refine_steps, "--refine-steps", "leaves the GOAE latent unchanged")
         if args.refine_camera and not args.refine_steps:
             raise InputError("--refine-camera learns the camera during the optimisation: with --encoder give "
                              "--refine-steps N (N > 0) as well")
         _check_file_flag(args.encoder, "--encoder")
     if args.invert_steps is not None:
         check_positive(args.invert_steps, "--invert-steps")
+        _check_not_one_step(args.invert_steps, "--invert-steps", "returns w_avg itself")
     if args.target_index is not None:
         if args.image is None:
             raise InputError("--target-index picks one of the --image photos; give --image (a folder or several files)")
@@ -174,6 +189,31 @@ def check_inversion_flags(args) -> None:
             raise InputError(f"--target-index must be >= 0, got {args.target_index}")
     if args.w_avg is not None:
         _check_file_flag(args.w_avg, "--w-avg")
+
+
+def _check_distinct_photos(sources) -> None:
+    """The same file twice among --image (two paths, or a file and its folder) would be forgotten
+    twice, or be both the person to forget and one of the w_others photos."""
+    from ..errors import InputError
+
+    seen = {}
+    for src in sources:
+        key = Path(src).resolve()
+        if key in seen:
+            raise InputError(f"--image: {src} is given more than once"
+                             f"{'' if str(seen[key]) == str(src) else f' (also as {seen[key]})'}; "
+                             "list each photo once")
+        seen[key] = src
+
+
+def _check_not_one_step(steps, flag: str, effect: str) -> None:
+    """The inversion's learning rate ramps up from 0 (StyleGAN2 projector schedule, t = step /
+    steps): a 1-step run takes its only step at lr 0 and so does nothing."""
+    from ..errors import InputError
+
+    if steps == 1:
+        raise InputError(f"{flag} 1 {effect}: the learning rate ramps up from 0 at the first step "
+                         f"(StyleGAN2 projector schedule); give {flag} 2 or more")
 
 
 def _check_file_flag(path, flag: str) -> None:
@@ -287,7 +327,9 @@ def _unlearn(args) -> int:
         from ..inversion import expand_photo_sources, prepare_photos
 
         # Photos are read and aligned before any network is built: a bad photo fails in seconds.
-        photos = prepare_photos(expand_photo_sources(args.image), align=not args.pre_aligned, index=args.face_index,
+        sources = expand_photo_sources(args.image)
+        _check_distinct_photos(sources)
+        photos = prepare_photos(sources, align=not args.pre_aligned, index=args.face_index,
                                 strict=args.strict, device=device)
         target_index = _target_index(args, len(photos))
     if args.others and is_main:
@@ -394,11 +436,15 @@ def _demo(args) -> int:
     gen = build_generator("tiny", seed=0, device=device)
     id_loss = IdentityLoss(build_backbone("ir_se50", seed=0)).to(device)
     lpips = LPIPS.random(0).to(device)
-    cfg = UnlearnConfig(iterations=args.iters, lr=DEMO_LR, seed=0, eval_views=DEMO_VIEWS)
+    cfg = UnlearnConfig(iterations=args.iters, lr=DEMO_LR, seed=0, eval_views=DEMO_VIEWS,
+                        target_distance=DEMO_TARGET_DISTANCE, adjacency_alpha_max=DEMO_ALPHA_MAX)
     result = Unlearner(gen, id_loss, lpips, cfg).unlearn(seeds=[DEMO_SEED], progress=True)
     scorer = IdentityScorer(build_backbone("ir101", seed=1), backend="torch", device=device, align="crop")
     demo = {"iterations": args.iters, "lr": DEMO_LR, "seed": DEMO_SEED, "eval_views": DEMO_VIEWS,
             "generator_init": INIT_NAME, "scorer": DEMO_SCORER,
+            "target_distance": DEMO_TARGET_DISTANCE, "adjacency_alpha_max": DEMO_ALPHA_MAX,
+            "distance_note": "GUIDE's d = 30 and alpha <= 15 scaled to the tiny generator's W+ "
+                             "(mean ||w - w_avg||_F = 16)",
             "lr_note": f"lr {DEMO_LR:g} (paper: 1e-4) so that {args.iters} demo steps visibly move the forgotten "
                        "identity; the adjacency and global losses keep the held-out identities close"}
     out = result.save(out_dir, overwrite=overwrite, generator_spec="tiny", random_weights=True, scorer=scorer,

@@ -1,0 +1,93 @@
+"""The issue 13-16 flags tried as a demanding user would (review of the new CLI surface): each
+bad value or conflicting combination gives exit code 2, one line naming the flag and the
+problem, no traceback and no --out folder. All checks fail before any network is built."""
+import pytest
+
+from guide_fast.cli import main
+
+TINY = ["unlearn", "--generator", "tiny", "--random-nets", "--iters", "1", "--no-progress"]
+
+
+def run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+def assert_refused(rc, err, *parts):
+    assert rc == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for part in parts:
+        assert part in lines[0], (part, lines[0])
+
+
+@pytest.fixture
+def photo(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "person.png"
+    Image.new("RGB", (64, 64), (120, 90, 60)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "0", "inf"])
+def test_dist_timeout_checked_in_one_process_too(capsys, tmp_path, value):
+    # --dist-timeout nan was accepted (and ignored) outside torchrun: the run went ahead
+    out = tmp_path / "run"
+    rc, err = run(capsys, *TINY, "--seed", "1", "--dist-timeout", value, "--out", out)
+    assert_refused(rc, err, "--dist-timeout", "positive")
+    assert not out.exists()
+
+
+def test_one_inversion_step_is_refused(capsys, tmp_path, photo):
+    # the projector schedule's learning rate is 0 at step 0: one step returned w_avg, and the run
+    # then failed deep in the engine with "w_source equals w_avg" after the whole inversion
+    out = tmp_path / "run"
+    rc, err = run(capsys, *TINY, "--image", photo, "--pre-aligned", "--invert-steps", "1", "--out", out)
+    assert_refused(rc, err, "--invert-steps 1", "2 or more")
+    assert not out.exists()
+
+
+def test_one_refine_step_is_refused(capsys, tmp_path, photo):
+    # with --encoder, --refine-steps 1 silently left the GOAE latent as it was (reported as refined)
+    enc = tmp_path / "encoder_FFHQ.pt"
+    enc.write_bytes(b"not read: the flag check comes first")
+    out = tmp_path / "run"
+    rc, err = run(capsys, *TINY, "--image", photo, "--pre-aligned", "--encoder", enc, "--refine-steps", "1",
+                  "--out", out)
+    assert_refused(rc, err, "--refine-steps 1", "2 or more")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra", [["--random-nets"], ["--random-nets", "--align", "crop"]])
+def test_evaluate_detector_with_crop_alignment_is_a_conflict(capsys, tmp_path, extra):
+    # --detector facenet with the crop alignment was silently ignored (eval.json: detector null)
+    out = tmp_path / "eval"
+    rc, err = run(capsys, "evaluate", "--run", tmp_path / "no_run", "--detector", "facenet", *extra, "--out", out)
+    assert_refused(rc, err, "--detector facenet", "--align mtcnn")
+    assert not out.exists()
+
+
+def test_evaluate_run_that_is_a_file(capsys, tmp_path):
+    f = tmp_path / "report.json"
+    f.write_text("{}")
+    rc, err = run(capsys, "evaluate", "--run", f, "--random-nets", "--out", tmp_path / "eval")
+    assert_refused(rc, err, str(f), "is a file", "--run")
+    assert not (tmp_path / "eval").exists()
+
+
+def test_repeated_seed_is_refused(capsys, tmp_path):
+    # --seed 1 1 unlearned identity 1 twice (its loss counted twice in the joint step), exit 0
+    out = tmp_path / "run"
+    rc, err = run(capsys, *TINY, "--seed", "1", "2", "1", "--out", out)
+    assert_refused(rc, err, "--seed 1", "more than once")
+    assert not out.exists()
+
+
+def test_repeated_photo_is_refused(capsys, tmp_path, photo):
+    # the same photo twice (here: a file and its folder) was both the person to forget and a w_others photo
+    out = tmp_path / "run"
+    rc, err = run(capsys, *TINY, "--image", photo.parent, photo, "--pre-aligned", "--invert-steps", "2",
+                  "--out", out)
+    assert_refused(rc, err, "--image", str(photo), "more than once")
+    assert not out.exists()
