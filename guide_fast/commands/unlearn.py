@@ -10,12 +10,6 @@ DEMO_ITERATIONS = 24
 DEMO_LR = 5e-4
 DEMO_SEED = 7
 DEMO_VIEWS = 5
-# GUIDE's distances are in FFHQ EG3D's W+ units (d = 30, alpha <= 15: docs/guide.md §3.4, §3.5(b)).
-# The tiny generator's W+ is smaller (mean ||w - w_avg||_F = 16 over seeds), where d = 30 puts the
-# UFO target at twice an identity's distance from the average and alpha up to 15 makes every other
-# identity "adjacent": the demo scales both to the tiny W+ so that it forgets one identity, not all.
-DEMO_TARGET_DISTANCE = 8.0
-DEMO_ALPHA_MAX = 4.0
 DEMO_SCORER = "CurricularFace IR-101 (random weights)"
 DEMO_OUT = "demo_out"
 
@@ -436,15 +430,11 @@ def _demo(args) -> int:
     gen = build_generator("tiny", seed=0, device=device)
     id_loss = IdentityLoss(build_backbone("ir_se50", seed=0)).to(device)
     lpips = LPIPS.random(0).to(device)
-    cfg = UnlearnConfig(iterations=args.iters, lr=DEMO_LR, seed=0, eval_views=DEMO_VIEWS,
-                        target_distance=DEMO_TARGET_DISTANCE, adjacency_alpha_max=DEMO_ALPHA_MAX)
+    cfg = UnlearnConfig(iterations=args.iters, lr=DEMO_LR, seed=0, eval_views=DEMO_VIEWS)
     result = Unlearner(gen, id_loss, lpips, cfg).unlearn(seeds=[DEMO_SEED], progress=True)
     scorer = IdentityScorer(build_backbone("ir101", seed=1), backend="torch", device=device, align="crop")
     demo = {"iterations": args.iters, "lr": DEMO_LR, "seed": DEMO_SEED, "eval_views": DEMO_VIEWS,
             "generator_init": INIT_NAME, "scorer": DEMO_SCORER,
-            "target_distance": DEMO_TARGET_DISTANCE, "adjacency_alpha_max": DEMO_ALPHA_MAX,
-            "distance_note": "GUIDE's d = 30 and alpha <= 15 scaled to the tiny generator's W+ "
-                             "(mean ||w - w_avg||_F = 16)",
             "lr_note": f"lr {DEMO_LR:g} (paper: 1e-4) so that {args.iters} demo steps visibly move the forgotten "
                        "identity; the adjacency and global losses keep the held-out identities close"}
     out = result.save(out_dir, overwrite=overwrite, generator_spec="tiny", random_weights=True, scorer=scorer,
