@@ -2,6 +2,7 @@
 bad value or conflicting combination gives exit code 2, one line naming the flag and the
 problem, no traceback and no --out folder. All checks fail before any network is built."""
 import pytest
+import torch
 
 from guide_fast.cli import main
 
@@ -91,3 +92,20 @@ def test_repeated_photo_is_refused(capsys, tmp_path, photo):
                   "--out", out)
     assert_refused(rc, err, "--image", str(photo), "more than once")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int64, torch.bool])
+def test_library_refuses_non_float_latents(tiny_generator_for_latents, dtype):
+    # complex latents were cast to float (imaginary part dropped, a ComplexWarning only); ints/bools silently
+    from guide_fast.errors import InputError
+
+    gen = tiny_generator_for_latents
+    with pytest.raises(InputError, match="expected floating point"):
+        gen.as_latents(torch.zeros(1, gen.num_ws, gen.config.w_dim, dtype=dtype))
+
+
+@pytest.fixture(scope="module")
+def tiny_generator_for_latents():
+    from guide_fast.eg3d.generator import build_generator
+
+    return build_generator("tiny", seed=0)

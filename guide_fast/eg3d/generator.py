@@ -205,6 +205,9 @@ class TriPlaneGenerator(nn.Module):
             raise InputError(f"{name} has shape {list(w.shape)}, expected [N, {want[0]}, {want[1]}] (W+ latents)")
         if w.shape[0] == 0:
             raise InputError(f"{name} is empty: need at least one identity (N = 0)")
+        if not w.is_floating_point():  # a complex latent would lose its imaginary part in the cast below
+            raise InputError(f"{name} holds a {str(w.dtype).replace('torch.', '')} tensor; expected floating point "
+                             f"W+ latents [N, {want[0]}, {want[1]}]")
         w = w.to(device if device is not None else w.device, torch.float32)
         check_finite(name, w)
         return w
