@@ -109,3 +109,14 @@ def tiny_generator_for_latents():
     from guide_fast.eg3d.generator import build_generator
 
     return build_generator("tiny", seed=0)
+
+
+@pytest.mark.parametrize("seeds, message", [([-1], "out of range"), ([2 ** 63], "out of range"),
+                                            ([3, 3], "more than once")])
+def test_library_seed_checks(tiny_generator_for_latents, seeds, message):
+    # the library took seeds=[-1] (an alias of another seed in torch's generator) and repeated seeds
+    from guide_fast.errors import InputError
+    from guide_fast.unlearn.views import latents_from_seeds
+
+    with pytest.raises(InputError, match=message):
+        latents_from_seeds(tiny_generator_for_latents, seeds)

@@ -35,6 +35,11 @@ def latents_from_seeds(gen: "TriPlaneGenerator", seeds: int | list[int], truncat
     for s in seeds:
         if not isinstance(s, int) or isinstance(s, bool):
             raise InputError(f"seeds must be integers, got {s!r}")
+        if not 0 <= s < 2 ** 63:  # the CLI's range: torch's generators take a signed 64-bit seed
+            raise InputError(f"seed {s} is out of range; expected 0 <= seed < 2**63")
+    if len(set(seeds)) < len(seeds):  # the same identity twice would count twice in the joint loss
+        raise InputError(f"seeds {sorted({s for s in seeds if seeds.count(s) > 1})} given more than once: "
+                         "each identity is unlearned once")
     device = next(gen.parameters()).device
     z = torch.stack([identity_z(s, gen.config.z_dim, device) for s in seeds])
     c = cameras.frontal_label(len(seeds), fov_degrees=fov_degrees, lookat=lookat, radius=radius, device=device)
