@@ -139,7 +139,9 @@ def _result():
                          config=UnlearnConfig(iterations=1))
 
 
-EXPECTED = ["delta.safetensors", "generator.safetensors", "latents.safetensors", "report.json"]
+# a result with no renders: no grid.png; losses.png and identity.png are written for every run (docs/formats.md §7)
+EXPECTED = ["delta.safetensors", "generator.safetensors", "identity.png", "latents.safetensors", "losses.png",
+            "report.json"]
 
 
 def test_save_overwrite_replaces_the_folder_as_a_whole(tmp_path):
