@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import make_row, write_rows
+from benchmarks.common import make_row, time_session_steps, write_rows
 
 BENCH = "distributed"
 
@@ -75,17 +75,7 @@ def time_session(nets, n: int, steps: int, device, process_group=None, cfg_kwarg
     warm = cfg.warmup_steps + 1 if device.type == "cuda" else 1  # CUDA: the eager steps, the capture, one replay
     cfg.iterations = warm + steps
     session = Unlearner(gen, id_loss, lpips, cfg, process_group=process_group).prepare(seeds=list(range(1, n + 1)))
-    for _ in range(warm):
-        session.step()
-    session.synchronize()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        session.step()
-        session.synchronize()
-        times.append((time.perf_counter() - t) * 1e3)
-    session.read_losses()  # raises on a non-finite loss
-    return _stats(times), session
+    return time_session_steps(session, warm, steps), session
 
 
 def time_allreduce(reducer, repeats: int, bucket_mb: float = 0.0) -> dict:

@@ -39,7 +39,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import make_row, peak_memory_mb, reset_peak, write_rows
+from benchmarks.common import make_row, peak_memory_mb, reset_peak, time_session_steps, write_rows
 
 # docs/performance.md §2: work per GUIDE step and identity at the FFHQ 512/128 settings
 TFLOP_PER_STEP = {"ffhq512-128": 7.4}
@@ -77,20 +77,9 @@ def time_steps(nets, cfg_kwargs, seeds, steps: int, device) -> dict:
     t0 = time.perf_counter()
     session = Unlearner(gen, id_loss, lpips, cfg).prepare(seeds=seeds)
     setup = time.perf_counter() - t0
-    for _ in range(warm):
-        session.step()
-    session.synchronize()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        session.step()
-        session.synchronize()
-        times.append((time.perf_counter() - t) * 1e3)
-    session.read_losses()  # raises on a non-finite loss
-    times.sort()
-    k = len(times)
+    timing = time_session_steps(session, warm, steps)
     return {
-        "timing": {"median_ms": times[k // 2], "p20_ms": times[int(0.2 * (k - 1))], "p80_ms": times[int(0.8 * (k - 1))]},
+        "timing": timing,
         "peak_mb": peak_memory_mb(device), "setup_s": setup, "capture_s": session.timings.get("capture_s"),
         "renderer": session.renderer, "precision": session.precision, "graph": session.use_graph,
         "upsample_conv": session.upsample_conv, "memory_format": session.memory_format,

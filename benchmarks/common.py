@@ -82,6 +82,25 @@ def time_fn(fn, *, warmup: int = 3, repeats: int = 20, device=None, min_time_s: 
     return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7], "n": len(times)}
 
 
+def time_session_steps(session, warm: int, steps: int) -> dict:
+    """Median / p20 / p80 ms of `steps` session steps after `warm` untimed ones (on CUDA: the
+    eager warm-up steps, the capture and one replay), each synchronised; raises on a non-finite loss."""
+    for _ in range(warm):
+        session.step()
+    session.synchronize()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        session.step()
+        session.synchronize()
+        times.append((time.perf_counter() - t) * 1e3)
+    session.read_losses()
+    times.sort()
+    k = len(times)
+    return {"median_ms": statistics.median(times), "p20_ms": times[int(0.2 * (k - 1))],
+            "p80_ms": times[int(0.8 * (k - 1))]}
+
+
 def peak_memory_mb(device=None) -> float | None:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
