@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -168,7 +169,7 @@ def test_every_run_writes_the_three_pictures(tmp_path, tiny_generator):
     from guide_fast.perceptual import LPIPS
     from guide_fast.unlearn.config import UnlearnConfig
     from guide_fast.unlearn.engine import Unlearner
-    from guide_fast.unlearn.plots import HELD_OUT_SEEDS
+    from guide_fast.unlearn.plots import HELD_OUT_CANDIDATES, HELD_OUT_SHOWN
 
     cfg = UnlearnConfig(iterations=3, lr=1e-3, seed=0, eval_views=3, noise_mode="const")
     unl = Unlearner(tiny_generator, IdentityLoss(SmallFaceNet()).eval(), LPIPS.random(0).eval(), cfg)
@@ -177,7 +178,7 @@ def test_every_run_writes_the_three_pictures(tmp_path, tiny_generator):
     names = {p.name for p in out.iterdir()}
     assert {"grid.png", "losses.png", "identity.png", "report.json"} <= names
     w, h = _png(out / "grid.png")
-    rows = 3 + 2 * len(HELD_OUT_SEEDS)         # id 0 before/after/target, held-out before/after
+    rows = 3 + 2 * HELD_OUT_SHOWN              # id 0 before/after/target, held-out before/after
     assert w >= 3 * 128 and h >= rows * 128, (w, h)
     for name in ("losses.png", "identity.png"):
         w, h = _png(out / name)
@@ -186,12 +187,39 @@ def test_every_run_writes_the_three_pictures(tmp_path, tiny_generator):
     assert {"grid.png", "losses.png", "identity.png"} <= set(report["files"])
     ident = report["pictures"]["identity_to_source"]
     assert ident["scorer"] == PixelScorer.description
-    assert len(ident["forgotten"]) == 1 and len(ident["held_out"]) == len(HELD_OUT_SEEDS)
+    assert len(ident["forgotten"]) == 1 and len(ident["held_out"]) == HELD_OUT_SHOWN
     for entry in ident["forgotten"] + ident["held_out"]:
         assert -1 <= entry["before"] <= 1 and -1 <= entry["after"] <= 1
     # the held-out identities were not trained on: G_u changes them less than the forgotten one
     held_after = min(e["after"] for e in ident["held_out"])
     assert ident["forgotten"][0]["after"] < held_after
+    # render change: every candidate measured, the shown ones are the middle two by change, and
+    # the forgotten identity moved further than the typical held-out one
+    change = report["pictures"]["render_change"]
+    held = change["held_out"]
+    assert [e["seed"] for e in held] == list(HELD_OUT_CANDIDATES)
+    values = sorted(e["change"] for e in held)
+    shown = [next(e["change"] for e in held if e["seed"] == s) for s in change["shown"]]
+    assert shown == values[len(values) // 2 - 1:len(values) // 2 + 1]
+    assert [e["seed"] for e in ident["held_out"]] == change["shown"] == report["pictures"]["held_out_seeds"]
+    assert change["held_out_median"] == pytest.approx(float(np.median(values)))
+    assert change["held_out_max"]["change"] == values[-1]
+    assert all(e["w_distance"] > 0 for e in held)
+    assert 0 <= change["held_out_median"] < change["forgotten"][0] <= 1
+
+
+def test_render_change_and_middle_ranks():
+    from guide_fast.unlearn.plots import middle_ranks, render_change
+
+    before = torch.zeros(2, 3, 3, 4, 4)
+    after = before.clone()
+    after[1] += 0.5                              # +0.5 in [-1, 1] = a quarter of the range
+    assert render_change(before, after).tolist() == [0.0, 0.25]
+    vals = [5.0, 1.0, 4.0, 2.0, 3.0, 6.0]
+    assert middle_ranks(vals, 2) == [4, 2]       # 3.0 and 4.0, ascending
+    assert middle_ranks(vals, 1) == [4]
+    assert middle_ranks([1.0, 1.0, 1.0], 2) == [0, 1]   # ties by position
+    assert middle_ranks([2.0], 2) == [0]
 
 
 def test_pictures_without_renders_or_scorer(tmp_path, tiny_generator):
@@ -230,6 +258,7 @@ def test_demo_prints_identity_similarity_and_pictures(tmp_path, capsys):
     assert "identity similarity to the source" in text and "IR-101" in text
     assert "forgotten" in text and "held-out" in text
     assert str(out / "grid.png") in text
+    assert "render change" in text and "held-out identities: median" in text
     report = json.loads((out / "report.json").read_text())
     assert report["random_weights"] is True and "RANDOM WEIGHTS" in report["warning"]
     assert report["demo"]["iterations"] == 2 and report["demo"]["generator_init"] == "structured-tiny-v1"

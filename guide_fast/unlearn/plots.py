@@ -9,14 +9,29 @@
   second should not.
 * losses.png: total, local, adjacency and global losses over the steps (raw and smoothed).
 * identity.png: identity similarity to the source, before and after, for the unlearned and the
-  held-out identities, with the scoring network named.
+  held-out identities, with the scoring network named; beside it, how far each render moved.
 
 "Similarity to the source" of an identity: the cosine between a render's identity embedding and
 the identity's source embedding (the mean embedding of G_s's renders over the evaluation views),
 averaged over the views: "before" scores G_s's renders (below 1 only by the views' spread),
-"after" G_u's. The held-out latents come from fixed seeds (HELD_OUT_SEEDS) mapped like
-`--seed` identities; the engine's before/after renders are reused for the unlearned ones, so
-the extra cost is 2 x len(HELD_OUT_SEEDS) x views renders and their embeddings.
+"after" G_u's.
+
+"Render change" of a latent: mean |G_u(w) - G_s(w)| per pixel and channel, in units of the
+image range (0..1), on the frontal view (yaw 0, the evaluation pitch). It needs no face network,
+so it reads the same with random weights. It is measured for the unlearned identities and for
+HELD_OUT_CANDIDATES held-out latents (fixed seeds mapped like `--seed` identities; a seed whose
+latent equals an unlearned one is skipped).
+
+Which held-out identities the grid shows: the HELD_OUT_SHOWN middle ones of the candidates
+ranked by render change (the lower and upper median of 16), i.e. typical held-out identities,
+neither the best nor the worst; the report gives every candidate's change, its W+ distance to
+the nearest unlearned latent, and the largest. Why not fixed seeds: any one seed can happen to
+be a near neighbour of the unlearned latent, which GUIDE's adjacency term moves on purpose
+(docs/guide.md §3.5), so a fixed pair says more about that seed than about the run.
+
+Extra cost per run: 2 x (identities + candidates) frontal renders, plus 2 x shown x views
+renders and their embeddings (the engine's before/after renders are reused for the unlearned
+identities).
 
 matplotlib draws with the Agg backend into memory; the files are written through
 guide_fast.io.save_image (temporary name, then rename).
@@ -31,7 +46,8 @@ import torch
 
 from ..io import save_image, to_uint8
 
-HELD_OUT_SEEDS = (1000, 1001)
+HELD_OUT_CANDIDATES = tuple(range(1000, 1016))  # seeds of the held-out latents measured
+HELD_OUT_SHOWN = 2                               # how many of them the grid and identity chart show
 PICTURES = ("grid.png", "losses.png", "identity.png")
 LOSS_KEYS = ("total", "local", "adjacency", "global")
 _TILE_MIN, _TILE_MAX = 128, 256   # grid tile size in pixels (renders are resized into it)
@@ -42,21 +58,24 @@ MAX_GRID_IDENTITIES = 8            # grid.png shows the first 8 unlearned identi
 class RunPictures:
     """What the pictures need beyond the result: held-out renders and identity scores."""
 
-    held_out_seeds: list = field(default_factory=list)
-    held_out: dict | None = None          # {"before", "after"}: [H, V, 3, h, w]
+    held_out_seeds: list = field(default_factory=list)   # the shown ones
+    held_out: dict | None = None          # {"before", "after"}: [H, V, 3, h, w] of the shown ones
     identity: dict | None = None          # see identity_to_source
+    change: dict | None = None            # see render_change_summary
     random_weights: bool = False
 
     def summary(self) -> dict:
         """The report's "pictures" entry."""
         out = {"files": list(PICTURES), "held_out_seeds": list(self.held_out_seeds)}
+        if self.change is not None:
+            out["render_change"] = self.change
         if self.identity is not None:
             out["identity_to_source"] = self.identity
         return out
 
 
 # ----------------------------------------------------------------------------- data
-def held_out_latents(result, seeds=HELD_OUT_SEEDS):
+def held_out_latents(result, seeds=HELD_OUT_CANDIDATES):
     """(seeds, W+ latents) of identities that were not unlearned: fixed seeds mapped as the
     run maps `--seed` identities; a seed whose latent equals an unlearned one is skipped."""
     from .views import latents_from_seeds
@@ -70,6 +89,53 @@ def held_out_latents(result, seeds=HELD_OUT_SEEDS):
     if not keep:
         return [], None
     return [list(seeds)[i] for i in keep], w[keep]
+
+
+CHANGE_METRIC = "mean |G_u - G_s| per pixel and channel, image range 0..1, frontal view"
+
+
+def render_change(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """Renders [N, V, 3, h, w] in [-1, 1] -> [N] mean absolute change in units of the image
+    range (0..1)."""
+    return (after.float().cpu() - before.float().cpu()).abs().mean(dim=(1, 2, 3, 4)) / 2
+
+
+def _frontal_change(result, w: torch.Tensor) -> torch.Tensor:
+    from .views import render_views
+
+    dev_s = next(result.source.parameters()).device
+    dev_u = next(result.generator.parameters()).device
+    before = render_views(result.source, w.to(dev_s), result.config, yaws=[0.0])
+    after = render_views(result.generator, w.to(dev_u), result.config, yaws=[0.0])
+    return render_change(before, after)
+
+
+def middle_ranks(values, k: int) -> list:
+    """Indices of the k middle values by rank (the lower and upper median for k = 2 of an even
+    count), in ascending order of value."""
+    order = sorted(range(len(values)), key=lambda i: (values[i], i))
+    k = min(k, len(order))
+    start = (len(order) - k) // 2
+    return order[start:start + k]
+
+
+def render_change_summary(seeds: list, held: torch.Tensor, forgotten: torch.Tensor, distance: torch.Tensor,
+                          shown: list) -> dict:
+    """The report's "render_change": per unlearned identity and per held-out candidate (seed,
+    change, W+ distance to the nearest unlearned latent), their median / mean / max, and which
+    candidates the pictures show."""
+    h = [float(x) for x in held]
+    top = max(range(len(h)), key=lambda i: h[i])
+    return {
+        "metric": CHANGE_METRIC,
+        "forgotten": [float(x) for x in forgotten],
+        "held_out": [{"seed": int(s), "change": c, "w_distance": float(d)} for s, c, d in zip(seeds, h, distance)],
+        "held_out_median": float(np.median(h)),
+        "held_out_mean": float(np.mean(h)),
+        "held_out_max": {"seed": int(seeds[top]), "change": h[top], "w_distance": float(distance[top])},
+        "shown": [int(seeds[i]) for i in shown],
+        "shown_rule": f"the {len(shown)} middle of {len(h)} held-out identities ranked by render change",
+    }
 
 
 def _embed_views(scorer, renders: torch.Tensor) -> torch.Tensor:
@@ -118,8 +184,10 @@ def identity_to_source(scorer, renders: dict, held_out: dict | None, held_out_se
     }
 
 
-def prepare_pictures(result, scorer=None, held_out_seeds=HELD_OUT_SEEDS, random_weights: bool = False) -> RunPictures:
-    """Render the held-out identities with G_s and G_u (the engine's evaluation views and
+def prepare_pictures(result, scorer=None, held_out_seeds=HELD_OUT_CANDIDATES, shown: int = HELD_OUT_SHOWN,
+                     random_weights: bool = False) -> RunPictures:
+    """Measure the render change of the unlearned and the held-out candidates, render the
+    `shown` typical held-out identities with G_s and G_u (the engine's evaluation views and
     draws) and score identities when a scorer is given."""
     from .views import render_views
 
@@ -127,8 +195,16 @@ def prepare_pictures(result, scorer=None, held_out_seeds=HELD_OUT_SEEDS, random_
     if result.renders is None:
         return pics
     seeds, w = held_out_latents(result, held_out_seeds)
-    pics.held_out_seeds = seeds
     if w is not None:
+        held = _frontal_change(result, w)
+        forgotten = _frontal_change(result, result.w_source)
+        w_u = result.w_source.to(w.device, w.dtype).flatten(1)
+        distance = torch.cdist(w.flatten(1).double(), w_u.double()).min(dim=1).values
+        pick = middle_ranks(held.tolist(), shown)
+        pics.change = render_change_summary(seeds, held, forgotten, distance, pick)
+        seeds, w = [seeds[i] for i in pick], w[pick]
+    pics.held_out_seeds = seeds
+    if w is not None and len(seeds):
         pics.held_out = {"before": render_views(result.source, w, result.config),
                          "after": render_views(result.generator, w.to(next(result.generator.parameters()).device),
                                                result.config)}
@@ -181,9 +257,11 @@ def grid_rows(result, pictures: RunPictures) -> list:
         rows += [(f"id {i} before", r["before"][i]), (f"id {i} after", r["after"][i]),
                  (f"id {i} target", r["target"][i])]
     if pictures.held_out is not None:
+        changes = {e["seed"]: e["change"] for e in (pictures.change or {}).get("held_out", [])}
         for j, seed in enumerate(pictures.held_out_seeds):
+            moved = f"\n(change {changes[seed]:.3f})" if seed in changes else ""
             rows += [(f"held-out {seed} before", pictures.held_out["before"][j]),
-                     (f"held-out {seed} after", pictures.held_out["after"][j])]
+                     (f"held-out {seed} after{moved}", pictures.held_out["after"][j])]
     return rows
 
 
@@ -197,7 +275,7 @@ def grid_figure(result, pictures: RunPictures) -> np.ndarray:
     mosaic = np.concatenate([_tiles(imgs, size) for _, imgs in rows], axis=0)
     yaws = view_yaws(result.config)
     dpi = 100
-    left, top, bottom, right = 1.9, 0.95, 0.45, 0.15   # inches of margin
+    left, top, bottom, right = 1.9, 1.1, 0.45, 0.15   # inches of margin
     w_in, h_in = mosaic.shape[1] / dpi, mosaic.shape[0] / dpi
     fig = plt.figure(figsize=(w_in + left + right, h_in + top + bottom), dpi=dpi)
     ax = fig.add_axes([left / (w_in + left + right), bottom / (h_in + top + bottom),
@@ -211,13 +289,21 @@ def grid_figure(result, pictures: RunPictures) -> np.ndarray:
     n_forgotten = min(n_total, MAX_GRID_IDENTITIES)
     for k in range(1, n_forgotten + 1):  # lines between identity groups
         ax.axhline(3 * k * size - 0.5, color="white", linewidth=2)
-    title = "before = G_s, after = G_u (unlearned), target = UFO target G_s(w_t)\nheld-out: identities not unlearned"
+    held = "held-out: identities not unlearned"
+    ch = pictures.change
+    if ch is not None and pictures.held_out is not None:
+        forgotten = ", ".join(f"{c:.3f}" for c in ch["forgotten"][:n_forgotten])
+        mx = ch["held_out_max"]
+        held = (f"held-out: typical identities ({ch['shown_rule']})\nrender change (0..1, frontal view): "
+                f"forgotten {forgotten}; held-out median {ch['held_out_median']:.3f}, max {mx['change']:.3f} "
+                f"(seed {mx['seed']})")
+    title = "before = G_s, after = G_u (unlearned), target = UFO target G_s(w_t)\n" + held
     if n_total > n_forgotten:
         title += f" (first {n_forgotten} of {n_total} unlearned identities)"
     if pictures.random_weights:
         title = "RANDOM WEIGHTS (pipeline demo): " + title
     fig.suptitle(title, fontsize=9, y=1 - 0.18 / (h_in + top + bottom))
-    fig.text(0.5, 1 - 0.72 / (h_in + top + bottom), f"evaluation views: yaw offsets, pitch {result.config.pitch:+.2f} rad",
+    fig.text(0.5, 1 - 0.95 / (h_in + top + bottom), f"evaluation views: yaw offsets, pitch {result.config.pitch:+.2f} rad",
              ha="center", fontsize=8, color="0.3")
     pixels = _figure_pixels(fig)
     plt.close(fig)
@@ -264,9 +350,37 @@ def losses_figure(result, random_weights: bool = False) -> np.ndarray:
     return _finish(plt, fig, title, random_weights)
 
 
+def _change_panel(ax, change: dict) -> None:
+    """Bars of render change: the unlearned identities (red), then every held-out candidate
+    in ascending order (green; the ones the grid shows darker, with their seeds)."""
+    forgotten = change["forgotten"]
+    held = sorted(change["held_out"], key=lambda e: e["change"])
+    shown = set(change["shown"])
+    values = list(forgotten) + [e["change"] for e in held]
+    colours = ["tab:red"] * len(forgotten) + ["darkgreen" if e["seed"] in shown else "tab:green" for e in held]
+    x = np.arange(len(values))
+    ax.bar(x, values, 0.8, color=colours)
+    labels = [f"id {i}" for i in range(len(forgotten))] + [str(e["seed"]) for e in held]
+    ax.set_xticks(x, labels, fontsize=7, rotation=90)
+    for xi, v in zip(x[:len(forgotten)], forgotten):
+        ax.text(xi, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+    med = change["held_out_median"]
+    ax.axhline(med, color="tab:green", linestyle=":", linewidth=1.5, label=f"held-out median {med:.3f}")
+    ax.set_ylabel("render change (0..1)")
+    ax.set_xlabel("forgotten (red) and held-out seeds (green; dark: shown in grid.png), by change", fontsize=8)
+    ax.set_ylim(0, max(values + [1e-3]) * 1.15)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(change["metric"], fontsize=9)
+
+
 def identity_figure(pictures: RunPictures) -> np.ndarray:
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    if pictures.change is not None:
+        fig, (ax, ax_change) = plt.subplots(1, 2, figsize=(13, 4.5), dpi=100, gridspec_kw={"width_ratios": [1, 1.2]})
+        _change_panel(ax_change, pictures.change)
+    else:
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     ident = pictures.identity
     if ident is None:
         ax.axis("off")
@@ -303,6 +417,8 @@ def identity_figure(pictures: RunPictures) -> np.ndarray:
         ax.grid(axis="y", alpha=0.3)
         ax.set_title(f"scorer: {ident['scorer']}", fontsize=9)
     title = "Identity similarity to the source: forgotten identities should drop, held-out ones stay"
+    if pictures.change is not None:
+        title += "  ·  render change: forgotten ones move, held-out ones little"
     return _finish(plt, fig, title, pictures.random_weights)
 
 
@@ -323,5 +439,5 @@ def write_pictures(folder, result, pictures: RunPictures) -> list:
     return written
 
 
-__all__ = ["HELD_OUT_SEEDS", "PICTURES", "RunPictures", "prepare_pictures", "write_pictures", "identity_to_source",
+__all__ = ["HELD_OUT_CANDIDATES", "HELD_OUT_SHOWN", "PICTURES", "render_change", "middle_ranks", "RunPictures", "prepare_pictures", "write_pictures", "identity_to_source",
            "held_out_latents", "smooth", "grid_figure", "losses_figure", "identity_figure"]

@@ -55,13 +55,14 @@ def view_yaws(cfg: UnlearnConfig) -> list[float]:
 
 @torch.no_grad()
 def render_views(gen: "TriPlaneGenerator", ws: torch.Tensor, cfg: UnlearnConfig, chunk: int = 4,
-                 seed: int = 1234) -> torch.Tensor:
-    """Renders [N, V, 3, H, W] (fp32, [-1,1]) of each latent from the evaluation yaws, constant
-    noise and fixed renderer draws, so before/after renders differ only by the weights."""
+                 seed: int = 1234, yaws: "list[float] | None" = None) -> torch.Tensor:
+    """Renders [N, V, 3, H, W] (fp32, [-1,1]) of each latent from the evaluation yaws (or the
+    given `yaws`, at cfg.pitch), constant noise and fixed renderer draws, so before/after renders
+    differ only by the weights."""
     from ..render import make_render_draws
 
     device = ws.device
-    yaws = torch.tensor(view_yaws(cfg), dtype=torch.float32)
+    yaws = torch.tensor(view_yaws(cfg) if yaws is None else list(yaws), dtype=torch.float32)
     cams = cameras.pose_label(yaws, cfg.pitch, fov_degrees=cfg.fov_degrees, lookat=cfg.lookat, radius=cfg.radius).to(device)
     rays = gen.neural_rendering_resolution ** 2
     out = []
