@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Run the command; returns the exit code: 0 done, 2 bad input (one line on stderr, and no
-    output written), 130 interrupted. Usage errors from argparse return its code (2) too."""
+    """Run the command; returns the exit code: 0 done, 1 `weights` found an invalid file, 2 bad
+    input (one line on stderr, and no output written), 130 interrupted. Usage errors from argparse return its code (2) too."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -126,16 +126,19 @@ def test_invalid_and_missing(weights_dir, tmp_path):
         assert heads.status == "missing"
 
 
-def test_weights_command_reports_and_exits_zero(weights_dir, tmp_path, capsys):
+def test_weights_command_reports_and_exits_one_on_an_invalid_file(weights_dir, tmp_path, capsys, monkeypatch):
     (tmp_path / "model_ir_se50.pth").write_bytes(b"garbage")
     out_json = tmp_path / "report.json"
-    assert cli_main(["weights", "--dir", str(tmp_path), "--no-fallbacks", "--json", str(out_json)]) == 0
-    text = capsys.readouterr().out
+    assert cli_main(["weights", "--dir", str(tmp_path), "--no-fallbacks", "--json", str(out_json)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "guide-fast weights: 1 invalid file: ir_se50 (see above)"
+    text = captured.out
     assert "ir_se50" in text and "invalid" in text and "missing" in text and "summary:" in text
     assert "https://download.pytorch.org/models/vgg16-397923af.pth" in text  # where a missing file comes from
     report = json.loads(out_json.read_text())
     statuses = {f["name"]: f["status"] for f in report["files"]}
     assert statuses["ir_se50"] == "invalid" and statuses["ir101"] == "missing"
+    use_micro_in_manifest(monkeypatch)  # weights_dir's GOAE file has the MICRO layout
     assert cli_main(["weights", "--dir", str(weights_dir), "--no-fallbacks"]) == 0
     assert "ir101               valid" in capsys.readouterr().out
     assert cli_main(["weights", "--dir", str(tmp_path / "nope")]) == 2

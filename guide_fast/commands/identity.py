@@ -1,6 +1,7 @@
 """`guide-fast export-identity` and `guide-fast weights`."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from ..errors import GuideFastError
@@ -33,7 +34,8 @@ def add_commands(subparsers) -> None:
         "weights",
         help="report which external weight files are present and valid in a folder",
         description="For every weight file guide-fast can use (EG3D, IR-SE50, IR-101, VGG16, LPIPS heads, FID "
-        "Inception, GOAE, ...), report found / valid / invalid / missing and where it comes from. Exit code 0.",
+        "Inception, GOAE, ...), report found / valid / invalid / missing and where it comes from. Exit code 0, "
+        "or 1 when a file is present but invalid (missing files are not an error: most are optional).",
     )
     w.add_argument("--dir", required=True, help="folder holding the weight files")
     w.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON to this file")
@@ -124,4 +126,10 @@ def _weights(args) -> int:
     print("summary: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
     if args.json:
         write_json(args.json, {"dir": str(args.dir), "files": [s.as_dict() for s in statuses]})
+    invalid = [s.name for s in statuses if s.status == "invalid"]
+    if invalid:
+        # a readiness check (a service's start-up script) must be able to tell without parsing
+        print(f"guide-fast weights: {len(invalid)} invalid file{'s' if len(invalid) > 1 else ''}: "
+              f"{', '.join(invalid)} (see above)", file=sys.stderr)
+        return 1
     return 0
