@@ -120,3 +120,31 @@ def test_library_seed_checks(tiny_generator_for_latents, seeds, message):
 
     with pytest.raises(InputError, match=message):
         latents_from_seeds(tiny_generator_for_latents, seeds)
+
+
+def test_goae_on_a_generator_of_another_layout_is_refused_before_any_photo(capsys, tmp_path, photo, monkeypatch):
+    # a real GOAE (head fixed at [14, 512]) with the tiny generator ([8, 64]) failed after the
+    # forward with "the encoder returned [1, 14, 512]", not saying why
+    import guide_fast.inversion.goae as goae
+    from guide_fast.inversion.goae import GOAEncoder
+
+    class Loaded(torch.nn.Module):
+        output_layout = GOAEncoder.output_layout
+
+        def forward(self, x):  # pragma: no cover - must not be reached
+            raise AssertionError("the photo went through the encoder")
+
+    monkeypatch.setattr(goae, "load_encoder", lambda *a, **k: Loaded())
+    enc = tmp_path / "encoder_FFHQ.pt"
+    enc.write_bytes(b"stand-in")
+    out = tmp_path / "run"
+    rc, err = run(capsys, *TINY, "--image", photo, "--pre-aligned", "--encoder", enc, "--out", out)
+    assert_refused(rc, err, "--encoder", "[14, 512]", "[8, 64]", "leave out --encoder")
+    assert not out.exists()
+
+
+def test_w_avg_of_ffhq_on_tiny_names_both_layouts(capsys, tmp_path):
+    f = tmp_path / "w_avg.pt"
+    torch.save(torch.randn(14, 512), f)
+    rc, err = run(capsys, *TINY, "--seed", "1", "--w-avg", f, "--out", tmp_path / "run")
+    assert_refused(rc, err, "[14, 512]", "expected [8, 64]", "GUIDE's file for EG3D FFHQ 512, not for this generator")

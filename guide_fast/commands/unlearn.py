@@ -240,12 +240,20 @@ def _w_avg(args, gen):
     return load_w_avg(args.w_avg, gen, "--w-avg file") if args.w_avg else resolve_w_avg(None, gen)
 
 
-def _encoder(args, device):
+def _encoder(args, device, gen):
     if args.encoder is None:
         return None
+    from ..errors import InputError
     from ..inversion.encode import resolve_encoder
 
-    return resolve_encoder(args.encoder, device, args.encoder_mode or "eval")
+    encoder = resolve_encoder(args.encoder, device, args.encoder_mode or "eval")
+    # GOAE's head writes [14, 512] whatever its file; refused here, before any photo goes through
+    out = getattr(encoder, "output_layout", None)
+    layout = (int(gen.num_ws), int(gen.config.w_dim))
+    if out is not None and tuple(out) != layout:
+        raise InputError(f"--encoder: GOAE writes W+ latents {list(out)} (EG3D FFHQ 512); this generator takes "
+                         f"{list(layout)}: leave out --encoder to invert by optimisation")
+    return encoder
 
 
 def _invert_photos(args, gen, id_loss, lpips, photos, other_photos, target_index, encoder, average):
@@ -335,7 +343,7 @@ def _unlearn(args) -> int:
     gen, random_gen = resolve_generator(args.generator, device=device)
     average = _w_avg(args, gen)
     # loaded once, only where photos are inverted (GOAE: ~440 MB of weights)
-    encoder = _encoder(args, device) if (photos is not None or other_photos is not None) else None
+    encoder = _encoder(args, device, gen) if (photos is not None or other_photos is not None) else None
     id_loss, lpips = build_loss_networks(args, device, args.random_nets)
     cfg_kwargs = dict(iterations=args.iters, lr=args.lr, path=args.path, renderer=args.renderer,
                       precision=args.precision, cuda_graph=not args.no_graph, seed=args.run_seed,

@@ -73,8 +73,11 @@ def _as_latent(t: torch.Tensor, generator, label: str) -> torch.Tensor:
     elif shape == (1, num_ws, w_dim):
         t = t[0]
     elif shape != (num_ws, w_dim):
-        raise InputError(f"{label} has shape {list(shape)}; expected [{num_ws}, {w_dim}] (GUIDE's file), "
-                         f"[1, {num_ws}, {w_dim}] or [{w_dim}] for this generator")
+        hint = ""
+        if shape == OFFICIAL_SHAPE and (num_ws, w_dim) != OFFICIAL_SHAPE:
+            hint = f" ({list(OFFICIAL_SHAPE)} is GUIDE's file for EG3D FFHQ 512, not for this generator)"
+        raise InputError(f"{label} has shape {list(shape)}; expected [{num_ws}, {w_dim}] (num_ws x w_dim, the "
+                         f"layout of GUIDE's file), [1, {num_ws}, {w_dim}] or [{w_dim}] for this generator{hint}")
     t = t.detach().float().cpu()
     if not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())

@@ -56,7 +56,8 @@ def encode_photos(encoder: "Callable[[torch.Tensor], torch.Tensor | tuple]", pho
     want = (len(photos), generator.num_ws, generator.config.w_dim)
     if not torch.is_tensor(out) or tuple(out.shape) != want:
         got = list(out.shape) if torch.is_tensor(out) else type(out).__name__
-        raise InputError(f"the encoder returned {got}; expected W+ offsets of shape {list(want)}")
+        raise InputError(f"the encoder returned {got}; expected W+ offsets of shape {list(want)} (photos x the "
+                         "generator's num_ws x w_dim)")
     if not bool(torch.isfinite(out).all()):
         raise InputError("the encoder returned non-finite W+ offsets")
     return out.detach().to(device, torch.float32) + w_avg.to(device).unsqueeze(0)

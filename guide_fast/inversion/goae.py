@@ -147,6 +147,9 @@ class GOAEncoder(nn.Module):
     See `load_encoder` and `forward(seed=...)`.
     """
 
+    #: (num_ws, w_dim) of the latents it writes, fixed by its head whatever the config
+    output_layout = (NUM_WS, W_DIM)
+
     def __init__(self, config: GOAEConfig = OFFICIAL):
         super().__init__()
         if not isinstance(config, GOAEConfig):
