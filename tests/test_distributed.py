@@ -121,6 +121,10 @@ def test_identity_draws_do_not_depend_on_the_batch():
     d2 = sample_draws(cfg, both, 8, "cpu", streams=IdentityStreams(3, [0, 1], "cpu"), render=(rays, g.render_options))
     s1 = IdentityStreams(3, [1], "cpu")
     d1 = sample_draws(cfg, alone, 8, "cpu", streams=s1, render=(rays, g.render_options))
+    # the renderer's uniforms are drawn late, per pass (~63 MB per identity at FFHQ settings)
+    assert d2.render_u is None and d2.render_spec is not None
+    d2, d1 = d2.with_render(both), d1.with_render(alone)
+    assert d2.with_render(both) is d2  # nothing left to draw
     for name in ("yaw", "adj_z", "adj_alpha", "glob_z"):
         torch.testing.assert_close(getattr(d1, name)[0], getattr(d2, name)[1], rtol=0, atol=0)
     idx = both.entry_indices(1, 2)

@@ -358,6 +358,33 @@ def test_identities_split_into_passes_give_the_same_update(gen, nets, generator_
         assert_same_adam_update(name, a, b)
 
 
+def test_streamed_render_draws_are_made_per_pass_with_the_same_values(gen, nets):
+    """With identity streams the renderer's uniforms (~63 MB per identity at FFHQ settings) are
+    drawn per pass, for that pass's identities only; the values are those of one pass over all:
+    two passes of one identity give the losses and gradients of one pass of two."""
+    id_loss, lpips = nets
+    runs = []
+    for per in (0, 1):
+        cfg = _cfg(noise_mode="random", identities_per_pass=per)
+        session = Unlearner(gen, id_loss, lpips, cfg).prepare(seeds=[31, 32])
+        assert len(session.stepper.passes) == (1 if per == 0 else 2)
+        draws = session._draws()
+        assert draws.render_u is None and draws.render_spec is not None  # not drawn for the shard
+        part = session.stepper.passes[-1]
+        sub = session.stepper._slice(draws, part, whole=per == 0)
+        assert sub.render_u["stratified"].shape[0] == part.layout.total
+        session = Unlearner(gen, id_loss, lpips, cfg).prepare(seeds=[31, 32])  # fresh streams
+        values, per_id = session.stepper.forward_backward(session._draws())
+        runs.append((values, per_id, [p.grad.clone() for p in session.stepper.params]))
+    (v0, i0, g0), (v1, i1, g1) = runs
+    torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(i1, i0, rtol=1e-5, atol=1e-6)
+    # batched-conv summation order moves single sums (noise strengths) by ~1e-3 relative: the
+    # gradient is compared as one vector (different draws would differ at O(1))
+    flat0, flat1 = torch.cat([g.flatten() for g in g0]), torch.cat([g.flatten() for g in g1])
+    assert float((flat1 - flat0).norm()) <= 1e-4 * float(flat0.norm()), float((flat1 - flat0).norm() / flat0.norm())
+
+
 def test_fast_path_operator_choices_give_the_same_step(gen, nets, generator_pair):
     """The fast path's folded up-convs and channels_last activations change no maths: one step
     with them equals the plain fast step on the same draws (fp32, CPU)."""

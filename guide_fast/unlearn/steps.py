@@ -19,7 +19,7 @@ Both consume a `StepDraws`, so they can be run on identical draws and compared.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +87,14 @@ class StepDraws:
     """The random numbers of one step. yaw [n]; adj_z [n, K_adj, z]; adj_alpha [n, K_adj];
     glob_z [n, K_glob, z]; render_u / render_s: renderer uniforms for the trainable / frozen
     renders in Layout order ({"stratified": [T, rays, S, 1], "importance": [T*rays, S_imp]}),
-    or None to let the renderer draw them."""
+    or None to let the renderer draw them.
+
+    With identity streams the renderer's uniforms are drawn late, by `with_render`, for the
+    identities of one pass at a time (the fast step) or all at once (the reference step): they
+    are ~63 MB per identity at FFHQ settings, and drawing them per pass bounds that by
+    identities_per_pass instead of the shard. The values do not change: each identity draws
+    from its own stream, in its own order (streams.py), whichever pass it is in.
+    """
 
     yaw: torch.Tensor
     adj_z: torch.Tensor
@@ -98,6 +105,23 @@ class StepDraws:
     # one stream per identity (streams.IdentityStreams.generators): the backbone noise of each
     # identity's renders is drawn from its own stream; None: from torch's global generator
     generators: list | None = None
+    render_spec: tuple | None = None   # (rays, RenderOptions) of render draws still to be made
+
+    def with_render(self, layout: "Layout") -> "StepDraws":
+        """These draws with render_u / render_s filled in for `layout` (the identities of
+        self.generators, in that order); themselves when there is nothing left to draw."""
+        if self.render_spec is None or self.render_u is not None:
+            return self
+        from .streams import identity_render_draws
+
+        if self.generators is None or len(self.generators) != layout.n:
+            raise ValueError(f"render draws for {layout.n} identities asked of draws holding "
+                             f"{len(self.generators or [])} identity streams")
+        rays, opts = self.render_spec
+        device = self.yaw.device
+        render_u = identity_render_draws(self.generators, layout, rays, opts, device)
+        render_s = identity_render_draws(self.generators, layout, rays, opts, device)
+        return replace(self, render_u=render_u, render_s=render_s, render_spec=None)
 
 
 def sample_draws(cfg: UnlearnConfig, layout: Layout, z_dim: int, device: torch.device | str,
@@ -129,8 +153,6 @@ def sample_draws(cfg: UnlearnConfig, layout: Layout, z_dim: int, device: torch.d
 
 
 def _sample_identity_draws(cfg: UnlearnConfig, layout: Layout, z_dim: int, device, streams, render) -> StepDraws:
-    from .streams import identity_render_draws
-
     if len(streams) != layout.n:
         raise ValueError(f"{len(streams)} identity streams for a layout of {layout.n} identities")
     span = cfg.adjacency_alpha_max - cfg.adjacency_alpha_min
@@ -141,13 +163,9 @@ def _sample_identity_draws(cfg: UnlearnConfig, layout: Layout, z_dim: int, devic
         adj_z.append(torch.randn(1, layout.k_adj, z_dim, **kw))
         adj_alpha.append(torch.rand(1, layout.k_adj, **kw) * span + cfg.adjacency_alpha_min)
         glob_z.append(torch.randn(1, layout.k_glob, z_dim, **kw))
-    render_u = render_s = None
-    if render is not None:
-        rays, opts = render
-        render_u = identity_render_draws(streams.generators, layout, rays, opts, device)
-        render_s = identity_render_draws(streams.generators, layout, rays, opts, device)
-    return StepDraws(torch.cat(yaw), torch.cat(adj_z), torch.cat(adj_alpha), torch.cat(glob_z), render_u, render_s,
-                     list(streams.generators))
+    # the renderer's uniforms come later, per pass (StepDraws.with_render)
+    return StepDraws(torch.cat(yaw), torch.cat(adj_z), torch.cat(adj_alpha), torch.cat(glob_z), None, None,
+                     list(streams.generators), render_spec=render)
 
 
 def _slice_draws(draws: dict | None, entry: int, rays: int):
@@ -256,6 +274,7 @@ class ReferenceStep(_StepBase):
     def losses(self, draws: StepDraws):
         """Entry losses [T] in Layout order, computed one term at a time."""
         cfg, lay = self.cfg, self.layout
+        draws = draws.with_render(lay)
         w_u_all, w_s_all = self.latents(draws)
         cams = step_cameras(cfg, draws.yaw)
         ids = [i for _, i, _ in lay.entries()]
@@ -381,8 +400,9 @@ class FastStep(_StepBase):
         return gen.synthesis(ws, cams, planes=planes, render_draws=draws, validate=False)["image"]
 
     def _slice(self, draws: StepDraws, part: "_Pass", whole: bool) -> StepDraws:
+        """The draws of one pass's identities (render draws made now, for them only)."""
         if whole:
-            return draws
+            return draws.with_render(part.layout)
         a, b = part.start, part.start + part.layout.n
 
         def pick(d):
@@ -392,8 +412,9 @@ class FastStep(_StepBase):
             return {"stratified": d["stratified"].index_select(0, part.entry_index), "importance": imp.flatten(0, 1)}
 
         gens = draws.generators[a:b] if draws.generators is not None else None
-        return StepDraws(draws.yaw[a:b], draws.adj_z[a:b], draws.adj_alpha[a:b], draws.glob_z[a:b],
-                         pick(draws.render_u), pick(draws.render_s), gens)
+        sub = StepDraws(draws.yaw[a:b], draws.adj_z[a:b], draws.adj_alpha[a:b], draws.glob_z[a:b],
+                        pick(draws.render_u), pick(draws.render_s), gens, render_spec=draws.render_spec)
+        return sub.with_render(part.layout)
 
     def losses(self, draws: StepDraws, part: _Pass | None = None):
         """Entry losses [T] of one pass (default: the first, i.e. all identities when unsplit)."""
