@@ -98,3 +98,15 @@ def test_separate_is_finite_and_reported(gen):
 
     with pytest.raises(InputError, match="noise_passes"):
         UnlearnConfig(noise_passes="both")
+
+
+def test_cached_target_planes_under_random_noise_do_not_depend_on_the_pass(gen):
+    """cache_target_planes="on" with random noise freezes one noise draw of P_s(w_t) per identity,
+    from that identity's own "target-planes" stream: the same whether it shares a pass or not."""
+    planes = {}
+    for per in (0, 1):
+        s = _session(gen, noise_mode="random", cache_target_planes="on", identities_per_pass=per)
+        planes[per] = torch.cat([p.planes_target for p in s.stepper.passes])
+    # batched-conv rounding only (another draw differs at the noise's own scale)
+    torch.testing.assert_close(planes[1], planes[0], rtol=1e-4, atol=1e-5 * float(planes[0].abs().max()))
+    assert not torch.allclose(planes[0][0], planes[0][1])  # two identities, two draws

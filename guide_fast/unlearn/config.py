@@ -68,7 +68,8 @@ class UnlearnConfig:
     # fast path: compute the local target's frozen tri-planes P_s(w_t) once per run. "auto" does so
     # only where that is exact (noise_mode "const" or "none"); with random backbone noise GUIDE
     # draws fresh noise for P_s(w_t) every step (docs/guide.md §3.5, §7), so "auto" recomputes it, and
-    # "on" freezes one noise draw for the whole run (one backbone pass per identity cheaper).
+    # "on" freezes one noise draw for the whole run (one backbone pass per identity cheaper), drawn
+    # from the identity's own "target-planes" stream (streams.py), whatever else shares its pass.
     cache_target_planes: str = "auto"
     # fast path: torch.compile (Inductor) of the backbone synthesis, super-resolution, LPIPS and the
     # identity network (guide_fast/compiled.py): "auto" (the plan's choice: off until measured

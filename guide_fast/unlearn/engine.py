@@ -139,8 +139,9 @@ class UnlearnSession:
         if dist is not None:  # rank 0's targets (its w_avg), so every rank optimises the same loss
             dist.broadcast_tensors([self.w_target], "sharing the UFO targets")
         step_cls = FastStep if fast else ReferenceStep
-        extra = dict(plan=self.plan, capturable=self.use_graph,
-                     identities_per_pass=cfg.identities_per_pass) if fast else {}
+        extra = dict(plan=self.plan, capturable=self.use_graph, identities_per_pass=cfg.identities_per_pass,
+                     target_noise=IdentityStreams(run_seed, self.identities, self.device,
+                                                  stream="target-planes").generators) if fast else {}
         a, b = self.identities.start, self.identities.stop
         self.stepper = step_cls(self.g_u, self.g_s, id_loss, lpips, cfg, self.w_source[a:b], self.w_target[a:b],
                                 **extra)

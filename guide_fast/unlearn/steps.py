@@ -332,11 +332,14 @@ class FastStep(_StepBase):
     identities_per_pass bounds memory for many identities: groups of identities run one
     forward/backward each, gradients accumulate, and one Adam step follows (the same update
     as a single pass, up to summation order). plan: the run's ExecutionPlan (its precision is
-    the step's autocast); default: fp32 with the generators' own operators.
+    the step's autocast); default: fp32 with the generators' own operators. target_noise: one
+    generator per identity for the noise of cached target planes under random noise
+    (cache_target_planes="on"), so that each identity's frozen draw does not depend on the others
+    in its pass; None: torch's global generator.
     """
 
     def __init__(self, *args, plan: ExecutionPlan | None = None, capturable: bool = False,
-                 identities_per_pass: int = 0, **kwargs):
+                 identities_per_pass: int = 0, target_noise: "list | None" = None, **kwargs):
         super().__init__(*args, **kwargs)
         cfg = self.cfg
         if plan is None:
@@ -361,8 +364,13 @@ class FastStep(_StepBase):
             # same every step: computed once here instead of every step.
             planes_t = None
             if self.cache_target:
+                noise = None
+                if target_noise is not None and cfg.noise_mode == "random":
+                    from .streams import IdentityNoise
+
+                    noise = IdentityNoise(target_noise[a:b], Layout(b - a, True, 0, 0), self.device)
                 with torch.no_grad(), self._autocast():
-                    planes_t = self.g_s.planes(w_t, noise_mode=cfg.noise_mode, validate=False).float()
+                    planes_t = self.g_s.planes(w_t, noise_mode=cfg.noise_mode, generator=noise, validate=False).float()
             index = torch.tensor(self.layout.entry_indices(a, b), dtype=torch.long, device=self.device)
             self.passes.append(_Pass(a, index, lay, w_u, w_t, planes_t, lay.identity_index(self.device), *self.weights(lay)))
 

@@ -8,7 +8,9 @@ in the request) and never from the process, the batch or the rank: so an identit
 same whether it is unlearned alone, in one batch of N, in passes of `identities_per_pass`, or on
 rank 3 of 8 (guide_fast.unlearn.distributed). Within a stream the order of the draws of a step is
 fixed: yaw, adjacency z, adjacency alpha, global z, renderer uniforms (trainable, then frozen
-renders), then the backbone noise layer by layer (trainable renders, then frozen ones).
+renders), then the backbone noise layer by layer (trainable renders, then frozen ones). A
+run-long cached P_s(w_t) under random noise (cache_target_planes="on") draws its one noise
+sample from a second stream per identity ("target-planes"), so it too depends on nothing else.
 
 Capture-safe: the generators live on the run's device; a CUDA graph that draws from them
 registers them (`CUDAGraph.register_generator_state`, see UnlearnSession._capture), and the index
@@ -22,10 +24,11 @@ from typing import Sequence
 import torch
 
 
-def identity_seed(run_seed: int, identity: int) -> int:
+def identity_seed(run_seed: int, identity: int, stream: str = "identity-stream") -> int:
     """The seed of identity `identity`'s stream in run `run_seed`: 63 bits of a SHA-256 of both,
-    so neighbouring run seeds or identities give unrelated streams."""
-    digest = hashlib.sha256(f"guide-fast/identity-stream/v1/{int(run_seed)}/{int(identity)}".encode()).digest()
+    so neighbouring run seeds or identities give unrelated streams. `stream` names a stream of
+    its own ("target-planes": the one noise draw of a run-long cached P_s(w_t))."""
+    digest = hashlib.sha256(f"guide-fast/{stream}/v1/{int(run_seed)}/{int(identity)}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
 
 
@@ -33,11 +36,11 @@ class IdentityStreams:
     """One device generator per identity. `identities` are the indices in the whole request
     (a rank holding identities 4..6 of 10 passes [4, 5, 6])."""
 
-    def __init__(self, run_seed: int, identities: Sequence[int], device):
+    def __init__(self, run_seed: int, identities: Sequence[int], device, stream: str = "identity-stream"):
         self.run_seed = int(run_seed)
         self.identities = [int(i) for i in identities]
         self.device = torch.device(device)
-        self.generators = [torch.Generator(device=self.device).manual_seed(identity_seed(self.run_seed, i))
+        self.generators = [torch.Generator(device=self.device).manual_seed(identity_seed(self.run_seed, i, stream))
                            for i in self.identities]
 
     def __len__(self) -> int:
