@@ -264,3 +264,29 @@ def test_demo_prints_identity_similarity_and_pictures(tmp_path, capsys):
     assert report["demo"]["iterations"] == 2 and report["demo"]["generator_init"] == "structured-tiny-v1"
     for name in ("grid.png", "losses.png", "identity.png"):
         _png(out / name)
+
+
+def test_a_saved_run_embeds_each_render_batch_once(tmp_path, tiny_generator):
+    """The report (before vs after, after vs target) and the pictures (similarity to the
+    source) score the same forgotten renders: each batch goes through the scorer once."""
+    from small_nets import SmallFaceNet
+    from guide_fast.identity import IdentityLoss
+    from guide_fast.perceptual import LPIPS
+    from guide_fast.unlearn.config import UnlearnConfig
+    from guide_fast.unlearn.engine import Unlearner
+
+    class Counting(PixelScorer):
+        def __init__(self):
+            self.batches = []
+
+        def embed(self, images, **kw):
+            self.batches.append((images.data_ptr(), tuple(images.shape)))
+            return super().embed(images, **kw)
+
+    cfg = UnlearnConfig(iterations=1, seed=0, eval_views=3, noise_mode="const")
+    result = Unlearner(tiny_generator, IdentityLoss(SmallFaceNet()).eval(), LPIPS.random(0).eval(), cfg).unlearn(seeds=[7])
+    scorer = Counting()
+    out = result.save(tmp_path / "run", scorer=scorer)
+    assert len(scorer.batches) == len(set(scorer.batches)) == 5  # before, after, target, held-out before / after
+    report = json.loads((out / "report.json").read_text())
+    assert report["identity_similarity"]["scorer"] == PixelScorer.description

@@ -39,6 +39,34 @@ def environment() -> dict:
     return env
 
 
+class EmbeddingMemo:
+    """An identity scorer that embeds each batch of images once: the report scores the
+    forgotten identities' renders before vs after and after vs target, and the pictures score
+    them again against their source; the IR-101 embeddings were most of a small run's saving
+    time. Keyed by the tensor's storage, shape, strides and version (renders are not modified
+    in place; a modified tensor has a new version), for one save only."""
+
+    def __init__(self, scorer):
+        self._scorer = scorer
+        self._cache: dict = {}
+        self.description = getattr(scorer, "description", type(scorer).__name__)
+        for name in ("embed_detailed", "embed"):
+            if hasattr(scorer, name):
+                setattr(self, name, self._memo(getattr(scorer, name), name))
+
+    def _memo(self, fn, name):
+        def call(images, **kw):
+            key = (name, images.data_ptr(), tuple(images.shape), tuple(images.stride()), images.dtype,
+                   str(images.device), images._version, tuple(sorted(kw.items())))
+            if key not in self._cache:
+                self._cache[key] = fn(images, **kw)
+            return self._cache[key]
+        return call
+
+    def __getattr__(self, name):  # anything else: the scorer's own
+        return getattr(self._scorer, name)
+
+
 def identity_similarity(result, scorer) -> dict:
     """Identity similarity of each view rendered before vs after (docs/guide.md §4.2; lower =
     identity removed), and of after vs the UFO target, scored over the views as evaluation does
@@ -101,6 +129,8 @@ def save_result(result, out_dir, generator_spec=None, random_weights: bool = Fal
 
     out_dir = Path(out_dir)
     check_output_path(out_dir, "folder", flag=None, overwrite=overwrite)  # before the report's scoring
+    if scorer is not None:  # the report and the pictures score the same renders: embed each once
+        scorer = EmbeddingMemo(scorer)
     report = build_report(result, generator_spec, random_weights, scorer, extra)
     # grid.png, losses.png, identity.png: held-out renders and identity scores (unlearn/plots.py)
     from .plots import PICTURES, prepare_pictures, write_pictures
