@@ -129,7 +129,8 @@ def sample_draws(cfg: UnlearnConfig, layout: Layout, z_dim: int, device: torch.d
                  streams=None) -> StepDraws:
     """Draw one step's randomness on `device` (graph-safe with the default CUDA generator).
 
-    render: optional (rays, RenderOptions) to also draw the renderer's uniforms explicitly.
+    render: optional (rays, RenderOptions) to also draw the renderer's uniforms explicitly (with
+    streams they are drawn later, per pass: StepDraws.with_render).
     streams: a `streams.IdentityStreams` (one generator per identity): every draw of identity i
     comes from its own stream, in the order that module states, so the draws of an identity do
     not depend on which other identities share the batch, the pass or the rank (the engine's way).
