@@ -81,8 +81,8 @@ def time_steps(nets, cfg_kwargs, seeds, steps: int, device) -> dict:
     return {
         "timing": timing,
         "peak_mb": peak_memory_mb(device), "setup_s": setup, "capture_s": session.timings.get("capture_s"),
-        "renderer": session.renderer, "precision": session.precision, "graph": session.use_graph,
-        "upsample_conv": session.upsample_conv, "memory_format": session.memory_format,
+        "renderer": session.plan.renderer, "precision": session.plan.precision, "graph": session.use_graph,
+        "upsample_conv": session.plan.upsample_conv, "memory_format": session.plan.memory_format,
         "cached_target_planes": getattr(session.stepper, "cache_target", False),
         "noise_passes": cfg.noise_passes, "compile": session.plan.compile,
         "compile_error": session.compile_report.error_text(),

@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     session = build_session(args, device)
     print(f"[profile_step] {args.preset if not args.generator else args.generator}, N={args.identities}, "
-          f"path {args.path}, renderer {session.renderer}, precision {session.precision}, "
+          f"path {args.path}, renderer {session.plan.renderer}, precision {session.plan.precision}, "
           f"cuda graph {session.use_graph}, setup {time.perf_counter() - t0:.1f}s", flush=True)
     t0 = time.perf_counter()
     for _ in range(args.warmup):

@@ -182,7 +182,7 @@ def test_graph_captured_session_runs_learns_and_logs_every_step(parts):
     gen, id_loss, lpips = parts
     cfg = UnlearnConfig(iterations=12, lr=1e-3, log_every=4, seed=0, cuda_graph=True)
     session = Unlearner(gen, id_loss, lpips, cfg).prepare(seeds=[9])
-    assert session.use_graph and session.renderer == "triton" and session.precision == "bf16"
+    assert session.use_graph and session.plan.renderer == "triton" and session.plan.precision == "bf16"
     snapshots = []
     for i in range(cfg.iterations):
         session.step()

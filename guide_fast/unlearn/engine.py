@@ -172,23 +172,6 @@ class UnlearnSession:
         self.timings = {"setup_s": time.perf_counter() - t0}
         self._stream = torch.cuda.Stream(self.device) if self.use_graph else None
 
-    # the plan's choices, under the names the benchmarks and profilers read
-    @property
-    def renderer(self) -> str:
-        return self.plan.renderer
-
-    @property
-    def precision(self) -> str:
-        return self.plan.precision
-
-    @property
-    def upsample_conv(self) -> str:
-        return self.plan.upsample_conv
-
-    @property
-    def memory_format(self) -> str:
-        return self.plan.memory_format
-
     # --------------------------------------------------------------------- stepping
     def _draws(self):
         return sample_draws(self.config, self.layout, self.g_u.config.z_dim, self.device, streams=self.streams,
@@ -374,7 +357,7 @@ class UnlearnSession:
         for g in (self.g_u, self.g_s):
             g.eval().requires_grad_(False)
             g.set_renderer(source.renderer_backend).set_upsample_conv(source.upsample_conv)
-            if self.memory_format != "contiguous":
+            if self.plan.memory_format != "contiguous":
                 g.to(memory_format=torch.contiguous_format)
         g_u = self.g_u
         result = UnlearnResult(
