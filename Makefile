@@ -26,7 +26,8 @@ $(STAMP): setup.py Makefile
 	  if $(BIN)/pip install -q --target $$tmp $(TORCH_PINS); then mv -T $$tmp $(TORCH_SITE) 2>/dev/null || rm -rf $$tmp; \
 	  else rm -rf $$tmp; exit 1; fi; }
 	echo $(TORCH_SITE) > "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/guide-fast-torch.pth"
-	printf '#!%s\nimport sys\nfrom torch.distributed.run import main\nsys.exit(main())\n' "$(abspath $(BIN))/python" > $(BIN)/torchrun
+	# torchrun: torch's launcher through guide_fast.launch (a failed rank ends in one line, no traceback)
+	printf '#!%s\nimport sys\nfrom guide_fast.launch import main\nsys.exit(main())\n' "$(abspath $(BIN))/python" > $(BIN)/torchrun
 	chmod +x $(BIN)/torchrun
 	$(BIN)/python -c 'import torch, torchvision; assert torch.__version__.startswith("2.14.1"), torch.__version__'
 	# --no-compile: byte-compiling every dependency took half of this install (~15 s); Python

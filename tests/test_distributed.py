@@ -253,8 +253,8 @@ LAUNCHER = textwrap.dedent("""
 def _torchrun(tmp_path, out, extra_env=None, timeout_s=150):
     launcher = tmp_path / "launch.py"
     launcher.write_text(LAUNCHER.format(tests=str(TESTS)))
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nnodes", "1", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+    # guide_fast.launch is what the Makefile installs as .venv/bin/torchrun
+    cmd = [sys.executable, "-m", "guide_fast.launch", "--nnodes", "1", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(_free_port()), str(launcher),
            "unlearn", "--generator", "tiny", "--random-nets", "--seed", "1", "2", "--iters", "2", "--lr", "1e-3",
            "--out", str(out), "--no-progress", "--device", "cpu", "--dist-timeout", "60"]
@@ -285,6 +285,10 @@ def test_a_failing_rank_ends_the_job_with_one_line_and_no_output(tmp_path):
     assert "no output was written" in lines[0]
     assert not out.exists(), "a failed distributed run must leave no output folder"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")], "no staging folder may stay"
+    # the launcher (guide_fast.launch, installed as .venv/bin/torchrun) adds one line, not a traceback
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-3000:]
+    summary = [line for line in proc.stderr.splitlines() if line.startswith("torchrun: ")]
+    assert len(summary) == 1 and "rank 1 (exit code 2)" in summary[0], proc.stderr[-3000:]
 
 
 def test_distributed_flag_outside_torchrun_is_one_clear_line(tmp_path, monkeypatch, capsys):
