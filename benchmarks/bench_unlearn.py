@@ -83,6 +83,7 @@ def time_steps(nets, cfg_kwargs, seeds, steps: int, device) -> dict:
         "peak_mb": peak_memory_mb(device), "setup_s": setup, "capture_s": session.timings.get("capture_s"),
         "renderer": session.plan.renderer, "precision": session.plan.precision, "graph": session.use_graph,
         "upsample_conv": session.plan.upsample_conv, "memory_format": session.plan.memory_format,
+        "skip_path": session.plan.skip_path,
         "cached_target_planes": getattr(session.stepper, "cache_target", False),
         "noise_passes": cfg.noise_passes, "compile": session.plan.compile,
         "compile_error": session.compile_report.error_text(),
@@ -145,6 +146,9 @@ def main(argv=None) -> int:
                          "Inductor's reduce-overhead mode (its CUDA graphs instead of the engine's capture)")
     ap.add_argument("--noise-ablation", choices=["auto", "yes", "no"], default="auto",
                     help="fast step with noise_passes='separate' besides the default 'shared'")
+    ap.add_argument("--kernel-ablation", choices=["auto", "yes", "no"], default="auto",
+                    help="fast step with the fused skip-path kernel (skip_path='triton') besides the default "
+                         "(auto: on a GPU)")
     ap.add_argument("--micro", choices=["yes", "no"], default="yes", help="the per-step micro-benchmarks")
     ap.add_argument("--full-run", choices=["auto", "yes", "no"], default="no",
                     help="the former in-process 1000-step row (the headline rows replace it)")
@@ -187,7 +191,8 @@ def main(argv=None) -> int:
         write_rows([row])
 
     def describe(res):
-        return (f"upsample_conv={res['upsample_conv']}; memory_format={res['memory_format']}; "
+        return (f"upsample_conv={res['upsample_conv']}; skip_path={res.get('skip_path', 'reference')}; "
+                f"memory_format={res['memory_format']}; "
                 f"cached_target_planes={res['cached_target_planes']}; noise_passes={res.get('noise_passes', 'shared')}; "
                 f"compile={res.get('compile', False)}")
 
@@ -299,6 +304,12 @@ def main(argv=None) -> int:
     run(("reference", 1), "step", "reference", 1, dict(base, path="reference", precision="fp32", renderer="reference"),
         ref_steps, "fp32")
     run(("fast", 1), "step", "fast" + graph, 1, fast, fast_steps, fast_dtype)
+    variants = {"fast": fast}
+    if args.kernel_ablation == "yes" or (args.kernel_ablation == "auto" and gpu):
+        # the fused skip-path kernel (kernels/skip_path.py), before the slow compile rows
+        variants["fast-skip-triton"] = dict(fast, skip_path="triton")
+        run(("fast-skip-triton", 1), "step", f"fast{graph} (skip-path triton)", 1, variants["fast-skip-triton"],
+            fast_steps, fast_dtype)
     if on(args.noise_ablation):
         run(("fast-separate", 1), "step", f"fast{graph} (noise_passes separate)", 1,
             dict(fast, noise_passes="separate"), fast_steps, fast_dtype)
@@ -309,7 +320,6 @@ def main(argv=None) -> int:
                 dict(fast, compile="on", compile_mode="reduce-overhead"), fast_steps, fast_dtype)
     # Single-identity operator variants, timed in the same process: the fastest one runs the
     # N sweep (its settings are written in those rows).
-    variants = {"fast": fast}
     if gpu and args.ablations != "none":
         variants["fast-channels-last"] = dict(fast, memory_format="channels_last")
         variants["fast-unfolded"] = dict(fast, upsample_conv="reference")

@@ -20,7 +20,8 @@
 #     -d .whl facenet-pytorch==2.6.0 lpips==0.1.4 nvtx
 # and installed with --no-deps into /tmp/site. The project is installed editable, offline, without deps.
 # GPU_SUITE_PARTS picks and orders the parts (default, in this order):
-#   unlearn-headline eval unlearn-micro render engine-tests render-tests goae distributed identity identity-tests ncu
+#   unlearn-headline eval unlearn-micro render engine-tests render-tests skip skip-tests goae distributed identity
+#   identity-tests ncu
 # optional: unlearn (the former all-in-one bench_unlearn run; UNLEARN_BUDGET_S, default 115 s) and
 # profile (step breakdown of the compiled step). HEADLINE_COMPILE=on|off|auto sets the headline
 # runs' --compile; COMPILE_ABLATION=all adds the reduce-overhead row; UNLEARN_ARGS adds flags to the
@@ -57,7 +58,7 @@ import torch, triton, guide_fast, guide_fast.kernels
 print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name())
 PY
 
-PARTS=${GPU_SUITE_PARTS:-unlearn-headline eval unlearn-micro render engine-tests render-tests goae distributed identity identity-tests ncu}
+PARTS=${GPU_SUITE_PARTS:-unlearn-headline eval unlearn-micro render engine-tests render-tests skip skip-tests goae distributed identity identity-tests ncu}
 SUITE_BUDGET_S=${SUITE_BUDGET_S:-560}
 # Inductor's on-disk cache in a fixed folder: the cold process and the warm runs share it
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/guide_fast_inductor}
@@ -84,13 +85,17 @@ for part in $PARTS; do
     # (b) cold process, (a) loop, (c) warm service at paper settings (--compile: HEADLINE_COMPILE, default auto)
     unlearn-headline) run_bench bench_unlearn 340 --budget-s 330 --headline yes --micro no \
                         --compile "${HEADLINE_COMPILE:-auto}" ;;
-    # per-step rows: reference, fast, fast+compile (default and reduce-overhead), noise separate, N=4
+    # per-step rows: reference, fast, fast with the skip-path kernel, noise separate, fast+compile
+    # (default and reduce-overhead), N=4
     unlearn-micro) run_bench bench_unlearn 150 --budget-s 140 --headline no --identities 1,4 --ablations none \
-                     --compile-ablation "${COMPILE_ABLATION:-yes}" --noise-ablation yes --quick ${UNLEARN_ARGS:-} ;;
+                     --kernel-ablation yes --compile-ablation "${COMPILE_ABLATION:-yes}" --noise-ablation yes --quick ${UNLEARN_ARGS:-} ;;
     unlearn) run_bench bench_unlearn $(( ${UNLEARN_BUDGET_S:-115} + 30 )) --budget-s "${UNLEARN_BUDGET_S:-115}" ${UNLEARN_ARGS:-} ;;
     engine-tests) run_tests engine 150 tests/test_gpu_engine.py tests/test_compile.py -k "gpu or cuda" ;;
     render-tests) run_tests render 90 tests/test_kernel_render.py ;;
     render) run_bench bench_render 45 --quick ;;
+    # the fused skip-path kernel (kernels/skip_path.py): its benchmark, then its parity tests on the GPU
+    skip) run_bench bench_skip 30 --quick ;;
+    skip-tests) run_tests skip 60 tests/test_kernel_skip.py ;;
     identity-tests) run_tests identity 90 tests/test_identity_scorer.py tests/test_perceptual.py ;;
     identity) run_bench bench_identity 40 --quick ;;
     # the real 5000-pair FID_pre + ID over 11 views, compile off and on (bench_eval --full-run)
@@ -100,7 +105,7 @@ for part in $PARTS; do
     # of one, and the all-reduce of the FFHQ gradients with world size 1 (not a scaling figure)
     distributed) run_bench bench_distributed 150 --quick ;;
     # optional (not in the default list): per-phase time and top kernels of the compiled step, to
-    # choose which hand-written kernel (skip-path upfirdn2d, ToRGB, ...) Inductor leaves to write
+    # see what Inductor leaves for a hand-written kernel (the skip path has one: kernels/skip_path.py)
     profile) step "step breakdown, compiled"
       timeout "$(budget 120)" $PY -m profiling.step_breakdown --compile on --no-ab 2>&1 | tee "$LOGS/step_breakdown_compiled.log" \
         || echo "(step breakdown failed or timed out)" ;;
@@ -109,7 +114,7 @@ for part in $PARTS; do
         step "Nsight Compute: one fused render kernel"
         timeout 40 bash profiling/ncu_render.sh "$LOGS/ncu" 2>&1 | tail -40 | tee "$LOGS/ncu.log" || echo "(ncu step failed or timed out)"
       fi ;;
-    *) echo "unknown GPU_SUITE_PARTS entry: $part (known: unlearn-headline unlearn-micro unlearn engine-tests render-tests render identity-tests identity eval goae distributed profile ncu)"; status=1 ;;
+    *) echo "unknown GPU_SUITE_PARTS entry: $part (known: unlearn-headline unlearn-micro unlearn engine-tests render-tests render skip skip-tests identity-tests identity eval goae distributed profile ncu)"; status=1 ;;
   esac
 done
 

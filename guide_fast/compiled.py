@@ -263,7 +263,7 @@ def fail_all(modules, exc: BaseException) -> None:
 def generator_fingerprint(gen) -> tuple:
     """What fixes the graphs of a generator: its config (shapes, channels, resolutions) and operator switches."""
     cfg = gen.config
-    return (repr(cfg), gen.renderer_backend, gen.upsample_conv)
+    return (repr(cfg),) + tuple(sorted(gen.operators().items()))
 
 
 def step_modules(g_u, g_s, id_loss, lpips) -> list[tuple[str, torch.nn.Module]]:

@@ -25,6 +25,7 @@ Renderer = Literal["reference", "triton"]
 Precision = Literal["fp32", "bf16"]
 MemoryFormat = Literal["contiguous", "channels_last"]
 UpsampleConv = Literal["reference", "folded"]
+SkipPath = Literal["reference", "triton"]
 Auto = Literal["auto"]
 
 PATHS: tuple[str, ...] = get_args(Path)
@@ -32,6 +33,7 @@ RENDERERS: tuple[str, ...] = get_args(Renderer)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 MEMORY_FORMATS: tuple[str, ...] = get_args(MemoryFormat)
 UPSAMPLE_CONVS: tuple[str, ...] = get_args(UpsampleConv)
+SKIP_PATHS: tuple[str, ...] = get_args(SkipPath)
 
 
 def triton_usable(device: torch.device) -> bool:
@@ -74,6 +76,7 @@ class ExecutionPlan:
     precision: Precision = "fp32"
     memory_format: MemoryFormat = "contiguous"
     upsample_conv: UpsampleConv = "reference"
+    skip_path: SkipPath = "reference"
     cuda_graph: bool = False
     compile: bool = False
 
@@ -84,11 +87,15 @@ class ExecutionPlan:
         _choice("precision", self.precision, PRECISIONS, auto_ok=False)
         _choice("memory_format", self.memory_format, MEMORY_FORMATS, auto_ok=False)
         _choice("upsample_conv", self.upsample_conv, UPSAMPLE_CONVS, auto_ok=False)
+        _choice("skip_path", self.skip_path, SKIP_PATHS, auto_ok=False)
         on_cuda = self.device.type == "cuda"
         if self.precision == "bf16" and not bf16_usable(self.device):
             raise InputError(f"precision 'bf16' needs a CUDA device (the device is {self.device}); use 'fp32' or 'auto'")
         if self.renderer == "triton" and not triton_usable(self.device):
             raise InputError(f"renderer 'triton' needs a CUDA device (the device is {self.device}); "
+                             f"use 'reference' or 'auto'")
+        if self.skip_path == "triton" and not triton_usable(self.device):
+            raise InputError(f"skip_path 'triton' needs a CUDA device (the device is {self.device}); "
                              f"use 'reference' or 'auto'")
         if self.cuda_graph and not on_cuda:
             raise InputError(f"CUDA-graph capture needs a CUDA device (the device is {self.device})")
@@ -97,6 +104,7 @@ class ExecutionPlan:
             fast_only = [name for name, bad in (
                 ("precision='bf16'", self.precision != "fp32"),
                 ("upsample_conv='folded'", self.upsample_conv != "reference"),
+                ("skip_path='triton'", self.skip_path != "reference"),
                 ("memory_format='channels_last'", self.memory_format != "contiguous"),
                 ("cuda_graph", self.cuda_graph),
                 ("compile", self.compile),
@@ -116,6 +124,7 @@ class ExecutionPlan:
         precision: Precision | Auto = "auto",
         memory_format: MemoryFormat = "contiguous",
         upsample_conv: UpsampleConv | Auto = "auto",
+        skip_path: SkipPath | Auto = "auto",
         cuda_graph: bool | Literal["auto", "on", "off"] = "auto",
         compile: bool | Literal["auto", "on", "off"] = "auto",
         differentiable_rays: bool = False,
@@ -124,7 +133,8 @@ class ExecutionPlan:
 
         "auto" on the fast path: the Triton renderer and bf16 on CUDA, the reference renderer
         and fp32 elsewhere; folded up-convolutions; graph capture on CUDA; compile off until
-        it is measured faster (docs/performance.md). On the reference path every "auto" is the
+        it is measured faster (docs/performance.md), and the skip-path kernel likewise (written
+        and tested on the interpreter, not yet timed on a GPU: "auto" is "reference" until then). On the reference path every "auto" is the
         oracle's choice. `differentiable_rays=True` (a learnt camera) forces the reference
         renderer: the fused kernel differentiates planes and decoder only.
         """
@@ -134,6 +144,7 @@ class ExecutionPlan:
         _choice("precision", precision, PRECISIONS)
         _choice("memory_format", memory_format, MEMORY_FORMATS, auto_ok=False)
         _choice("upsample_conv", upsample_conv, UPSAMPLE_CONVS)
+        _choice("skip_path", skip_path, SKIP_PATHS)
         graph, comp = _switch("cuda_graph", cuda_graph), _switch("compile", compile)
         fast, on_cuda = path == "fast", dev.type == "cuda"
         if differentiable_rays and renderer == "triton":
@@ -145,6 +156,8 @@ class ExecutionPlan:
             precision = "bf16" if (fast and on_cuda) else "fp32"
         if upsample_conv == "auto":
             upsample_conv = "folded" if fast else "reference"
+        if skip_path == "auto":
+            skip_path = "reference"
         if graph is None:
             graph = fast and on_cuda
         elif graph and not on_cuda:
@@ -152,7 +165,7 @@ class ExecutionPlan:
         if comp is None:
             comp = False
         return cls(device=dev, path=path, renderer=renderer, precision=precision, memory_format=memory_format,
-                   upsample_conv=upsample_conv, cuda_graph=graph, compile=comp)
+                   upsample_conv=upsample_conv, skip_path=skip_path, cuda_graph=graph, compile=comp)
 
     @classmethod
     def reference(cls, device: torch.device | str | None = None) -> "ExecutionPlan":
@@ -175,8 +188,8 @@ class ExecutionPlan:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=cache_enabled)
 
     def apply(self, generator: "TriPlaneGenerator") -> "TriPlaneGenerator":
-        """Set the generator's operator switches to this plan (renderer, up-convs, memory format)."""
-        generator.set_renderer(self.renderer).set_upsample_conv(self.upsample_conv)
+        """Set the generator's operator switches to this plan (renderer, up-convs, skip path, memory format)."""
+        generator.set_operators(self.renderer, self.upsample_conv, self.skip_path)
         if self.memory_format == "channels_last":
             # 4-D conv weights in NHWC strides make cuDNN keep activations NHWC end to end
             # instead of transposing around every convolution (docs/performance.md).
@@ -191,4 +204,5 @@ class ExecutionPlan:
     def describe(self) -> str:
         extras = [x for x, on in (("cuda-graph", self.cuda_graph), ("compile", self.compile)) if on]
         return (f"{self.path} path on {self.device}: renderer {self.renderer}, {self.precision}, "
-                f"{self.memory_format}, up-conv {self.upsample_conv}" + (f", {' + '.join(extras)}" if extras else ""))
+                f"{self.memory_format}, up-conv {self.upsample_conv}, skip path {self.skip_path}"
+                + (f", {' + '.join(extras)}" if extras else ""))

@@ -385,16 +385,20 @@ def test_streamed_render_draws_are_made_per_pass_with_the_same_values(gen, nets)
     assert float((flat1 - flat0).norm()) <= 1e-4 * float(flat0.norm()), float((flat1 - flat0).norm() / flat0.norm())
 
 
-def test_fast_path_operator_choices_give_the_same_step(gen, nets, generator_pair):
-    """The fast path's folded up-convs and channels_last activations change no maths: one step
-    with them equals the plain fast step on the same draws (fp32, CPU)."""
+@pytest.mark.parametrize("operators", [dict(upsample_conv="folded"), dict(skip_path="triton")],
+                         ids=["folded-up-convs", "skip-path-kernel"])
+def test_fast_path_operator_choices_give_the_same_step(gen, nets, generator_pair, operators):
+    """The fast path's folded up-convs, its skip-path kernel (Triton; the interpreter here) and
+    channels_last activations change no maths: one step with them equals the plain fast step on
+    the same draws (fp32, CPU)."""
     cfg = _cfg()
     w_u = latents_from_seeds(gen, [7])
     plain, g_plain, _, _ = _session_parts(generator_pair, gen, nets, cfg, w_u, FastStep)
     id_loss, lpips = nets
-    plan = ExecutionPlan.resolve("cpu", upsample_conv="folded", memory_format="channels_last")
+    plan = ExecutionPlan.resolve("cpu", memory_format="channels_last", **operators)
     g_u, g_s = generator_pair(gen, plan)
-    assert g_s.upsample_conv == "folded" and g_u.renderer_backend == "reference"
+    assert g_u.renderer_backend == "reference"
+    assert all(g.operators()[k] == v for g in (g_u, g_s) for k, v in operators.items())
     assert g_u.backbone.synthesis.b8.conv0.weight.is_contiguous(memory_format=torch.channels_last)
     w_t = target_latent(w_u, g_s.w_avg, cfg.target, cfg.target_distance)
     fast = FastStep(g_u, g_s, id_loss, lpips, cfg, w_u, w_t, plan=plan)

@@ -61,6 +61,9 @@ def add_commands(sub) -> None:
     p.add_argument("--no-graph", action="store_true", help="do not capture the step in a CUDA graph")
     p.add_argument("--upsample-conv", choices=["auto", "reference", "folded"], default="auto",
                    help="2x up-convolutions: FIR folded into the kernel (auto: on the fast path) or the official two passes")
+    p.add_argument("--skip-path", choices=["auto", "reference", "triton"], default="auto",
+                   help="fast path: each synthesis block's ToRGB bias + clamp, 2x FIR upsampling and sum as one Triton "
+                        "kernel (triton, needs CUDA) or the official operators (auto: reference until measured faster)")
     p.add_argument("--channels-last", action="store_true", help="fast path: NHWC generator activations")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="fast path: torch.compile (Inductor) of the backbone, super-resolution, LPIPS and identity "
@@ -138,10 +141,12 @@ def check_unlearn_flags(args, device) -> None:
                          "--target extra contradicts it: drop --baseline for GUIDE's extrapolated target, "
                          "or drop --target")
     check_renderer(args.renderer, device)
+    check_renderer(getattr(args, "skip_path", "auto"), device, "--skip-path")  # the same rule: triton needs CUDA
     check_precision(args.precision, device)
     if args.path == "reference":
         fast_only = [flag for flag, on in (("--precision bf16", args.precision == "bf16"),
                                            ("--upsample-conv folded", args.upsample_conv == "folded"),
+                                           ("--skip-path triton", getattr(args, "skip_path", "auto") == "triton"),
                                            ("--channels-last", args.channels_last),
                                            ("--compile on", getattr(args, "compile", "auto") == "on")) if on]
         if fast_only:
@@ -347,7 +352,7 @@ def _unlearn(args) -> int:
     id_loss, lpips = build_loss_networks(args, device, args.random_nets)
     cfg_kwargs = dict(iterations=args.iters, lr=args.lr, path=args.path, renderer=args.renderer,
                       precision=args.precision, cuda_graph=not args.no_graph, seed=args.run_seed,
-                      upsample_conv=args.upsample_conv,
+                      upsample_conv=args.upsample_conv, skip_path=args.skip_path,
                       memory_format="channels_last" if args.channels_last else "contiguous",
                       compile=args.compile, compile_mode=args.compile_mode, noise_passes=args.noise_passes)
     if args.target is not None:  # else: the config's own target (extra; average for the baseline)

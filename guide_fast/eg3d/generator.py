@@ -14,7 +14,7 @@ from torch import nn
 
 from .. import cameras
 from ..errors import InputError, check_finite
-from ..plan import RENDERERS, UPSAMPLE_CONVS, Renderer, UpsampleConv
+from ..plan import RENDERERS, SKIP_PATHS, UPSAMPLE_CONVS, Renderer, SkipPath, UpsampleConv
 from ..profiling import nvtx_range
 from ..render import RenderOptions, render_triplanes, sample_rays
 from .networks import Backbone, OSGDecoder, SuperResolution, check_noise_mode
@@ -165,6 +165,28 @@ class TriPlaneGenerator(nn.Module):
     @property
     def upsample_conv(self) -> UpsampleConv:
         return "folded" if any(getattr(m, "fold_resample", False) for m in self.modules()) else "reference"
+
+    def set_skip_path(self, mode: SkipPath) -> "TriPlaneGenerator":
+        """How each synthesis block's skip path (ToRGB bias and clamp, 2x FIR upsampling of the
+        image, their sum) runs: "reference" (the official operators) or "triton" (one fused
+        kernel, guide_fast.kernels.skip_path.skip_rgb; needs CUDA or the Triton interpreter)."""
+        if mode not in SKIP_PATHS:
+            raise InputError(f"unknown skip_path {mode!r}; expected one of {SKIP_PATHS}")
+        for m in self.modules():
+            if hasattr(m, "fused_skip"):
+                m.fused_skip = mode == "triton"
+        return self
+
+    @property
+    def skip_path(self) -> SkipPath:
+        return "triton" if any(getattr(m, "fused_skip", False) for m in self.modules()) else "reference"
+
+    def operators(self) -> dict[str, str]:
+        """The operator switches (renderer, up-convolutions, skip path): what `set_operators` restores."""
+        return {"renderer": self.renderer_backend, "upsample_conv": self.upsample_conv, "skip_path": self.skip_path}
+
+    def set_operators(self, renderer: Renderer, upsample_conv: UpsampleConv, skip_path: SkipPath) -> "TriPlaneGenerator":
+        return self.set_renderer(renderer).set_upsample_conv(upsample_conv).set_skip_path(skip_path)
 
     @property
     def num_ws(self) -> int:

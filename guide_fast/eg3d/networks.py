@@ -180,9 +180,13 @@ class ToRGBLayer(nn.Module):
         self.bias = nn.Parameter(torch.zeros([out_channels]))
         self.weight_gain = 1 / math.sqrt(in_channels)
 
-    def forward(self, x, w, fused_modconv=True):
+    def conv(self, x, w, fused_modconv=True):
+        """The modulated 1x1 convolution alone, before the bias (SynthesisBlock adds it in its skip path)."""
         styles = self.affine(w) * self.weight_gain
-        x = ops.modulated_conv2d(x, self.weight, styles, demodulate=False, fused_modconv=fused_modconv)
+        return ops.modulated_conv2d(x, self.weight, styles, demodulate=False, fused_modconv=fused_modconv)
+
+    def forward(self, x, w, fused_modconv=True):
+        x = self.conv(x, w, fused_modconv=fused_modconv)
         return ops.bias_act(x, self.bias.to(x.dtype), clamp=self.conv_clamp)
 
 
@@ -206,6 +210,9 @@ class SynthesisBlock(nn.Module):
         if in_channels == 0:
             self.const = nn.Parameter(torch.randn([out_channels, resolution, resolution]))
         self.register_buffer("resample_filter", ops.setup_filter())
+        # the skip path (ToRGB bias + clamp, upsampled image, sum) as one Triton kernel: set through
+        # TriPlaneGenerator.set_skip_path, a plain attribute so the state_dict is unchanged
+        self.fused_skip = False
         if in_channels != 0:
             self.conv0 = SynthesisLayer(in_channels, out_channels, w_dim, resolution, up=2,
                                         use_noise=use_noise, conv_clamp=conv_clamp)
@@ -229,10 +236,9 @@ class SynthesisBlock(nn.Module):
             x = x.to(dtype)
             x = self.conv0(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv, generator=generator)
         x = self.conv1(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv, generator=generator)
-        if img is not None:
-            img = ops.upsample2d(img, self.resample_filter)
-        y = self.torgb(x, next(w_iter), fused_modconv=fused_modconv).to(torch.float32)
-        img = img + y if img is not None else y
+        raw = self.torgb.conv(x, next(w_iter), fused_modconv=fused_modconv)
+        img = ops.skip_rgb(img, raw, self.torgb.bias, self.resample_filter, clamp=self.torgb.conv_clamp,
+                           fused=self.fused_skip)
         return x, img
 
 

@@ -107,6 +107,27 @@ def upsample2d(x: torch.Tensor, f: torch.Tensor, up: int = 2) -> torch.Tensor:
     return upfirdn2d(x, f, up=up, padding=(p[0], p[1], p[0], p[1]), gain=up * up)
 
 
+def skip_rgb(img: torch.Tensor | None, raw: torch.Tensor, bias: torch.Tensor, f: torch.Tensor,
+             clamp: float | None = None, fused: bool = False) -> torch.Tensor:
+    """The skip path of a synthesis block (docs/eg3d.md §3.1-3.2), in fp32:
+    upsample2d(img, f) + bias_act(raw, bias, clamp=clamp), or the ToRGB output alone when img is None.
+
+    raw is the ToRGB convolution's output before its bias. fused=False runs the official
+    operators (bias and clamp in raw's dtype, then fp32, as the official block). fused=True runs
+    the fast path's Triton kernel (guide_fast.kernels.skip_path.skip_rgb: one pass, fp32
+    arithmetic, docs/performance.md §7) where it applies: a 4x4 filter, an image of half raw's
+    size (always so in EG3D) and fewer than 2^31 elements (its flat index is int32); elsewhere
+    the official operators.
+    """
+    half = img is None or (img.ndim == 4 and 2 * img.shape[2] == raw.shape[2] and 2 * img.shape[3] == raw.shape[3])
+    if fused and raw.ndim == 4 and tuple(f.shape) == (4, 4) and half and raw.numel() < 2 ** 31:
+        from ..kernels.skip_path import skip_rgb as fused_skip_rgb
+
+        return fused_skip_rgb(img, raw, bias, f, clamp)
+    y = bias_act(raw, bias.to(raw.dtype), clamp=clamp).to(torch.float32)
+    return y if img is None else upsample2d(img, f) + y
+
+
 def conv2d_resample(
     x: torch.Tensor,
     w: torch.Tensor,

@@ -414,7 +414,7 @@ def invert_images(gen: "TriPlaneGenerator", images: "PhotoSource | Sequence[Phot
         # GUIDE's OOD protocol: the whole folder through the encoder in one batch
         starts = encode_photos(enc, photos, gen, average, dev, seed=cfg.seed)
         encode_s = time.perf_counter() - te
-    previous = (gen.renderer_backend, gen.upsample_conv)
+    previous = gen.operators()
     results = []
     bar = tqdm(total=steps * len(photos), disable=not progress or steps == 0, desc="inverting", unit="step",
                dynamic_ncols=True)
@@ -439,6 +439,7 @@ def invert_images(gen: "TriPlaneGenerator", images: "PhotoSource | Sequence[Phot
                                         lookat=tuple(cfg.lookat), radius=cfg.radius)
                 timings = {"batch_s": seconds, "photos_in_batch": len(batch), "renderer": run_plan.renderer,
                            "precision": run_plan.precision, "upsample_conv": run_plan.upsample_conv,
+                           "skip_path": run_plan.skip_path,
                            "device": str(dev)}
                 if starts is not None:
                     timings.update(encode_s=encode_s, photos_encoded=len(photos))
@@ -449,7 +450,7 @@ def invert_images(gen: "TriPlaneGenerator", images: "PhotoSource | Sequence[Phot
                 ))
     finally:
         bar.close()
-        gen.set_renderer(previous[0]).set_upsample_conv(previous[1])
+        gen.set_operators(**previous)
     total = time.perf_counter() - t0
     for r in results:
         r.timings["total_s"] = total

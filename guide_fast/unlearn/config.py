@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import torch
 
 from ..errors import InputError
-from ..plan import MEMORY_FORMATS, PATHS, PRECISIONS, RENDERERS, UPSAMPLE_CONVS, ExecutionPlan
+from ..plan import MEMORY_FORMATS, PATHS, PRECISIONS, RENDERERS, SKIP_PATHS, UPSAMPLE_CONVS, ExecutionPlan
 
 TARGET_MODES = ("extra", "average")
 LOOP_PATHS = PATHS
@@ -64,6 +64,7 @@ class UnlearnConfig:
     precision: str = "auto"            # "fp32", "bf16" (autocast) or "auto" (the plan's choice)
     cuda_graph: bool = True            # capture the fast step in a CUDA graph where the plan can (fast path, CUDA)
     upsample_conv: str = "auto"        # "reference", "folded" or "auto" (the plan's choice)
+    skip_path: str = "auto"            # "reference", "triton" (fused skip-path kernel) or "auto" (the plan's choice)
     memory_format: str = "contiguous"  # fast path: generator activations "contiguous" (NCHW) or "channels_last"
     # fast path: compute the local target's frozen tri-planes P_s(w_t) once per run. "auto" does so
     # only where that is exact (noise_mode "const" or "none"); with random backbone noise GUIDE
@@ -107,7 +108,8 @@ class UnlearnConfig:
         if self.path not in LOOP_PATHS:
             raise InputError(f"unknown path {self.path!r}; expected one of {LOOP_PATHS}")
         for name, allowed in (("renderer", RENDERERS + ("auto",)), ("precision", PRECISIONS + ("auto",)),
-                              ("upsample_conv", UPSAMPLE_CONVS + ("auto",)), ("memory_format", MEMORY_FORMATS)):
+                              ("upsample_conv", UPSAMPLE_CONVS + ("auto",)), ("skip_path", SKIP_PATHS + ("auto",)),
+                              ("memory_format", MEMORY_FORMATS)):
             value = getattr(self, name)
             if value not in allowed:
                 raise InputError(f"unknown {name} {value!r}; expected one of {', '.join(repr(a) for a in allowed)}")
@@ -156,12 +158,13 @@ class UnlearnConfig:
         cuda_graph=True means "capture where the plan can", i.e. the fast path on CUDA."""
         return ExecutionPlan.resolve(device, path=self.path, renderer=self.renderer, precision=self.precision,
                                      memory_format=self.memory_format, upsample_conv=self.upsample_conv,
+                                     skip_path=self.skip_path,
                                      cuda_graph="auto" if self.cuda_graph else False, compile=self.compile)
 
     def with_plan(self, plan: ExecutionPlan) -> "UnlearnConfig":
         """A copy whose engine fields are those of `plan` (resolved: no "auto" left)."""
         return replace(self, path=plan.path, renderer=plan.renderer, precision=plan.precision,
-                       upsample_conv=plan.upsample_conv, memory_format=plan.memory_format,
+                       upsample_conv=plan.upsample_conv, skip_path=plan.skip_path, memory_format=plan.memory_format,
                        cuda_graph=plan.cuda_graph, compile="on" if plan.compile else "off")
 
     @property

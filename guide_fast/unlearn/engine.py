@@ -356,7 +356,7 @@ class UnlearnSession:
         # checkpoint store those); G_s likewise, so that before/after renders differ only by the weights.
         for g in (self.g_u, self.g_s):
             g.eval().requires_grad_(False)
-            g.set_renderer(source.renderer_backend).set_upsample_conv(source.upsample_conv)
+            g.set_operators(**source.operators())
             if self.plan.memory_format != "contiguous":
                 g.to(memory_format=torch.contiguous_format)
         g_u = self.g_u

@@ -344,8 +344,7 @@ class FastStep(_StepBase):
         super().__init__(*args, **kwargs)
         cfg = self.cfg
         if plan is None:
-            plan = ExecutionPlan(self.device, path="fast", renderer=self.g_u.renderer_backend, precision="fp32",
-                                 upsample_conv=self.g_u.upsample_conv)
+            plan = ExecutionPlan(self.device, path="fast", precision="fp32", **self.g_u.operators())
         self.plan = plan
         opt_kwargs = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
         if capturable:
