@@ -95,7 +95,7 @@ for part in $PARTS; do
     render) run_bench bench_render 45 --quick ;;
     # the fused skip-path kernel (kernels/skip_path.py): its benchmark, then its parity tests on the GPU
     skip) run_bench bench_skip 30 --quick ;;
-    skip-tests) run_tests skip 60 tests/test_kernel_skip.py ;;
+    skip-tests) run_tests skip 90 tests/test_kernel_skip.py ;;
     identity-tests) run_tests identity 90 tests/test_identity_scorer.py tests/test_perceptual.py ;;
     identity) run_bench bench_identity 40 --quick ;;
     # the real 5000-pair FID_pre + ID over 11 views, compile off and on (bench_eval --full-run)

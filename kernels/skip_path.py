@@ -24,8 +24,8 @@ channels_last activations need no copy.
 `skip_rgb` is a `torch.library` custom op with its own autograd: torch.compile keeps it as one
 opaque node inside a compiled synthesis network, and CUDA-graph capture records its launches.
 """
-from __future__ import annotations
-
+# no `from __future__ import annotations`: torch.library reads the custom ops' annotations as
+# objects (a string annotation would rely on each torch version's evaluation of it)
 import torch
 import triton
 import triton.language as tl

@@ -246,3 +246,32 @@ def test_ffhq_sizes_on_the_gpu():
         y = raw.float() + bias.view(1, -1, 1, 1)
         live = (y.abs() < clamp) if clamp is not None else torch.ones_like(y, dtype=torch.bool)
         _check(fused, oracle, dtype, (grad.abs() * live).sum(dim=(0, 2, 3)))
+
+
+def test_inductor_compiles_a_synthesis_block_around_the_kernel(tiny_generator, tmp_path, monkeypatch):
+    """Inductor itself (its C++ backend here, Triton on a GPU) around the custom op: a whole
+    synthesis block with the kernel in its skip path, forward and backward, equals the eager block."""
+    import copy
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    gen = copy.deepcopy(tiny_generator).to(DEVICE)
+    block = gen.backbone.synthesis.b8
+    block.fused_skip = True
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, block.in_channels, 4, 4, generator=g).to(DEVICE)
+    img = torch.randn(2, block.img_channels, 4, 4, generator=g).to(DEVICE)
+    ws = torch.randn(2, 3, gen.config.w_dim, generator=g).to(DEVICE)
+
+    def run(fn):
+        xs = x.clone().requires_grad_(True)
+        out = fn(xs, img, ws)
+        out.square().sum().backward()
+        return out.detach(), xs.grad
+
+    def tail(xs, im, w):
+        return block(xs, im, w, noise_mode="const", fused_modconv=False)[1]
+
+    eager = run(tail)
+    compiled = run(torch.compile(tail, backend="inductor", fullgraph=True))
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled[1], eager[1], rtol=1e-4, atol=1e-5)
