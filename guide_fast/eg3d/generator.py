@@ -151,35 +151,43 @@ class TriPlaneGenerator(nn.Module):
         self.sr_precision = precision
         return self
 
+    # The block-level switches are plain module attributes (the state_dict is unchanged): one
+    # name per switch, set on every module that has it.
+    _SWITCHES = {"upsample_conv": ("fold_resample", UPSAMPLE_CONVS, "folded"),
+                 "skip_path": ("fused_skip", SKIP_PATHS, "triton")}
+
+    def _set_switch(self, name: str, mode: str) -> "TriPlaneGenerator":
+        attr, allowed, fast = self._SWITCHES[name]
+        if mode not in allowed:
+            raise InputError(f"unknown {name} {mode!r}; expected one of {allowed}")
+        for m in self.modules():
+            if hasattr(m, attr):
+                setattr(m, attr, mode == fast)
+        return self
+
+    def _switch(self, name: str) -> str:
+        attr, allowed, fast = self._SWITCHES[name]
+        return fast if any(getattr(m, attr, False) for m in self.modules()) else allowed[0]
+
     def set_upsample_conv(self, mode: UpsampleConv) -> "TriPlaneGenerator":
         """How the 2x up-convolutions run: "reference" (transposed conv, then the 4x4 FIR, as
         the official code) or "folded" (one transposed conv with the FIR folded into its
         kernel: the same maths, faster on a GPU; eg3d/ops.py conv2d_resample)."""
-        if mode not in UPSAMPLE_CONVS:
-            raise InputError(f"unknown upsample_conv {mode!r}; expected one of {UPSAMPLE_CONVS}")
-        for m in self.modules():
-            if hasattr(m, "fold_resample"):
-                m.fold_resample = mode == "folded"
-        return self
+        return self._set_switch("upsample_conv", mode)
 
     @property
     def upsample_conv(self) -> UpsampleConv:
-        return "folded" if any(getattr(m, "fold_resample", False) for m in self.modules()) else "reference"
+        return self._switch("upsample_conv")
 
     def set_skip_path(self, mode: SkipPath) -> "TriPlaneGenerator":
         """How each synthesis block's skip path (ToRGB bias and clamp, 2x FIR upsampling of the
         image, their sum) runs: "reference" (the official operators) or "triton" (one fused
         kernel, guide_fast.kernels.skip_path.skip_rgb; needs CUDA or the Triton interpreter)."""
-        if mode not in SKIP_PATHS:
-            raise InputError(f"unknown skip_path {mode!r}; expected one of {SKIP_PATHS}")
-        for m in self.modules():
-            if hasattr(m, "fused_skip"):
-                m.fused_skip = mode == "triton"
-        return self
+        return self._set_switch("skip_path", mode)
 
     @property
     def skip_path(self) -> SkipPath:
-        return "triton" if any(getattr(m, "fused_skip", False) for m in self.modules()) else "reference"
+        return self._switch("skip_path")
 
     def operators(self) -> dict[str, str]:
         """The operator switches (renderer, up-convolutions, skip path): what `set_operators` restores."""
