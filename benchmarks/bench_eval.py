@@ -16,11 +16,14 @@ budget (--budget-s, default 90 s), else as many as fit, with the N = 5000 time e
 linearly and labelled so. CPU: tiny preset (64x64), N = 64 (32 with --quick).
 
 --full-run: N = 5000 on the GPU whatever the calibration says (the real run, never extrapolated).
+--operators-ablation (GPU): the measured run again with the fast path's exact-maths operators,
+folded up-convolutions and the skip-path kernel (`evaluate --upsample-conv folded --skip-path
+triton`); evaluation keeps the official operators by default until this row says they pay.
 --compile-ablation: the measured run again with the generators' backbone synthesis and
-super-resolution compiled (guide_fast/compiled.py; the compile time is its own row).
+super-resolution compiled (guide_fast/compiled.py; the compile time is in the row).
 
     python -m benchmarks.bench_eval [--quick] [--samples N] [--budget-s S] [--renderer auto|reference|triton]
-                                    [--full-run] [--compile-ablation]
+                                    [--full-run] [--operators-ablation] [--compile-ablation]
 """
 from __future__ import annotations
 
@@ -155,6 +158,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="results CSV (default benchmarks/results/results.csv)")
     ap.add_argument("--full-run", action="store_true",
                     help="measure N = --samples (5000 on CUDA) whatever the budget: the real run, not extrapolated")
+    ap.add_argument("--operators-ablation", action="store_true",
+                    help="GPU: repeat the measured run with folded up-convolutions and the skip-path kernel")
     ap.add_argument("--compile-ablation", action="store_true",
                     help="repeat the measured run with torch.compile on the generators (compile time reported)")
     args = ap.parse_args(argv)
@@ -253,6 +258,37 @@ def main(argv=None) -> int:
         common.write_rows(rows[-1:], filename)
         written.append(rows[-1])
 
+    def variant(path_label: str, variant_kw: dict, note: str) -> None:
+        """The measured run again with other render settings: the same N when it fits the part's
+        budget (the suite's --budget-s), else as many pairs as fit, and the row says so (per-pair
+        costs compare either way)."""
+        spent = time.perf_counter() - t_setup
+        fit_v = int((budget - spent - tm["id_views_s"] - 5) / max(per_pair_meas, 1e-6)) // bs * bs
+        n_v = n if fit_v >= n else max(2 * bs, fit_v)
+        t0 = time.perf_counter()
+        res_v = evaluate(source, unlearned, num_fid_samples=n_v, **variant_kw)
+        if on_cuda:
+            torch.cuda.synchronize(device)
+        total_v = time.perf_counter() - t0
+        tv = res_v.timings_s
+        ex = (f"1 run; {note}ID 11 views {tv['id_views_s']:.2f}s, paired samples {tv['paired_samples_s']:.2f}s "
+              f"({tv['paired_samples_s'] / n_v * 1e3:.2f} ms/pair, vs {per_pair_meas * 1e3:.2f} eager: "
+              f"{per_pair_meas / (tv['paired_samples_s'] / n_v):.2f}x)")
+        if n_v >= TARGET_SAMPLES:
+            ex += f"; measured at N={TARGET_SAMPLES}: target <= {TARGET_S:.0f}s " + ("met" if total_v <= TARGET_S else "NOT met")
+        rows.append(common.make_row(BENCH, "ID 11 views + FID_pre", path=path_label,
+                                    shape=f"N={n_v} pairs, {preset} {res}x{res}", dtype=dtype,
+                                    timing={"median_ms": total_v * 1e3}, extra=ex, device=device))
+        common.write_rows(rows[-1:], filename)
+        written.append(rows[-1])
+
+    if args.operators_ablation and on_cuda:
+        # the fast path's exact-maths operators (folded up-convs, the skip-path kernel): rounding
+        # aside the same renders as the official operators; evaluate's defaults until this row decides
+        plan_ops = plan.with_(upsample_conv="folded", skip_path="triton")
+        variant("fast (folded up-convs + skip-path triton)", dict(kw, plan=plan_ops), "")
+        # (every later evaluate call applies `plan` again: the official operators)
+
     if args.compile_ablation:
         from guide_fast.compiled import compile_generators, uninstall_generators
 
@@ -261,27 +297,8 @@ def main(argv=None) -> int:
         report = compile_generators(gens, key=("eval", bs))
         evaluate(source, unlearned, num_fid_samples=bs, **kw)  # compiles (one batch)
         compile_s = time.perf_counter() - t0
-        # the same N as the eager run when it fits the part's budget (the suite's --budget-s); else
-        # as many pairs as fit, and the row says so (per-pair costs compare either way)
-        spent = time.perf_counter() - t_setup
-        fit_c = int((budget - spent - tm["id_views_s"] - 5) / max(per_pair_meas, 1e-6)) // bs * bs
-        n_c = n if fit_c >= n else max(2 * bs, fit_c)
-        t0 = time.perf_counter()
-        res_c = evaluate(source, unlearned, num_fid_samples=n_c, **kw)
-        if on_cuda:
-            torch.cuda.synchronize(device)
-        total_c = time.perf_counter() - t0
-        tc = res_c.timings_s
-        ex = (f"1 run; compile+first batch {compile_s:.1f}s (not included); ID 11 views {tc['id_views_s']:.2f}s, "
-              f"paired samples {tc['paired_samples_s']:.2f}s ({tc['paired_samples_s'] / n_c * 1e3:.2f} ms/pair); "
-              f"vs eager {total:.1f}s: {total / total_c:.2f}x; compiled {','.join(report.modules)}; "
-              f"errors {report.error_text()}")
-        if n_c >= TARGET_SAMPLES:
-            ex += f"; measured at N={TARGET_SAMPLES}: target <= {TARGET_S:.0f}s " + ("met" if total_c <= TARGET_S else "NOT met")
-        rows.append(common.make_row(BENCH, "ID 11 views + FID_pre", path="fast+compile", shape=f"N={n_c} pairs, {preset} {res}x{res}",
-                                    dtype=dtype, timing={"median_ms": total_c * 1e3}, extra=ex, device=device))
-        common.write_rows(rows[-1:], filename)
-        written.append(rows[-1])
+        variant("fast+compile", kw, f"compile+first batch {compile_s:.1f}s (not included); compiled "
+                                    f"{','.join(report.modules)}; errors {report.error_text()}; ")
         uninstall_generators(gens)
 
     # ID over 11 views alone, repeated.

@@ -98,8 +98,8 @@ for part in $PARTS; do
     skip-tests) run_tests skip 90 tests/test_kernel_skip.py ;;
     identity-tests) run_tests identity 90 tests/test_identity_scorer.py tests/test_perceptual.py ;;
     identity) run_bench bench_identity 40 --quick ;;
-    # the real 5000-pair FID_pre + ID over 11 views, compile off and on (bench_eval --full-run)
-    eval) run_bench bench_eval 140 --full-run --compile-ablation --budget-s 130 --quick ;;
+    # the real 5000-pair FID_pre + ID over 11 views; then folded up-convs + skip kernel, and compile on
+    eval) run_bench bench_eval 140 --full-run --operators-ablation --compile-ablation --budget-s 130 --quick ;;
     goae) run_tests goae 60 tests/test_goae.py -k cuda; run_bench bench_goae 45 --quick --budget-s 30 ;;
     # one card: K = 1 per-identity step time, one-process vs the sharded engine in an NCCL world
     # of one, and the all-reduce of the FFHQ gradients with world size 1 (not a scaling figure)

@@ -124,6 +124,17 @@ def _load_decoder(w0_ptr, b0_ptr, w1_ptr, b1_ptr, offs_c, offs_h, offs_f, C, HID
     return w0t.to(tl.float32), b0.to(tl.float32), w1s.to(tl.float32), b1s.to(tl.float32), \
         w1ct.to(tl.float32), b1c.to(tl.float32)
 
+@triton.jit
+def _load_rays(origins_ptr, dirs_ptr, gray, rmask):
+    """Origin and direction components of the rays `gray` ([N*R, 3] rows; 0 for masked rays)."""
+    ox = tl.load(origins_ptr + gray * 3 + 0, mask=rmask, other=0.0)
+    oy = tl.load(origins_ptr + gray * 3 + 1, mask=rmask, other=0.0)
+    oz = tl.load(origins_ptr + gray * 3 + 2, mask=rmask, other=0.0)
+    dx = tl.load(dirs_ptr + gray * 3 + 0, mask=rmask, other=0.0)
+    dy = tl.load(dirs_ptr + gray * 3 + 1, mask=rmask, other=0.0)
+    dz = tl.load(dirs_ptr + gray * 3 + 2, mask=rmask, other=0.0)
+    return ox, oy, oz, dx, dy, dz
+
 # Sizes that vary from call to call are not specialised on (each value % 16 would be a new
 # compilation of ~10 s); C is, so that texel rows are known to be 16-byte aligned.
 @triton.jit(do_not_specialize=_DO_NOT_SPECIALIZE)
@@ -163,12 +174,7 @@ def _triplane_render_forward_kernel(
     w0t, b0, w1s, b1s, w1ct, b1c = _load_decoder(w0_ptr, b0_ptr, w1_ptr, b1_ptr, offs_c, offs_h, offs_f,
                                                  C, HID, F)
 
-    ox = tl.load(origins_ptr + gray * 3 + 0, mask=rmask, other=0.0)
-    oy = tl.load(origins_ptr + gray * 3 + 1, mask=rmask, other=0.0)
-    oz = tl.load(origins_ptr + gray * 3 + 2, mask=rmask, other=0.0)
-    dx = tl.load(dirs_ptr + gray * 3 + 0, mask=rmask, other=0.0)
-    dy = tl.load(dirs_ptr + gray * 3 + 1, mask=rmask, other=0.0)
-    dz = tl.load(dirs_ptr + gray * 3 + 2, mask=rmask, other=0.0)
+    ox, oy, oz, dx, dy, dz = _load_rays(origins_ptr, dirs_ptr, gray, rmask)
 
     if S_IMP > 0:
         # ---- a. coarse pass: densities only, marched on the fly (§4.6 on the coarse list)
@@ -377,12 +383,7 @@ def _triplane_render_backward_kernel(
     w0t, b0, w1s, b1s, w1ct, b1c = _load_decoder(w0_ptr, b0_ptr, w1_ptr, b1_ptr, offs_c, offs_h, offs_f,
                                                  C, HID, F)
 
-    ox = tl.load(origins_ptr + gray * 3 + 0, mask=rmask, other=0.0)
-    oy = tl.load(origins_ptr + gray * 3 + 1, mask=rmask, other=0.0)
-    oz = tl.load(origins_ptr + gray * 3 + 2, mask=rmask, other=0.0)
-    dx = tl.load(dirs_ptr + gray * 3 + 0, mask=rmask, other=0.0)
-    dy = tl.load(dirs_ptr + gray * 3 + 1, mask=rmask, other=0.0)
-    dz = tl.load(dirs_ptr + gray * 3 + 2, mask=rmask, other=0.0)
+    ox, oy, oz, dx, dy, dz = _load_rays(origins_ptr, dirs_ptr, gray, rmask)
 
     # ---- per-ray upstream gradients and the forward's totals
     rf_mask = rmask[:, None] & fmask[None, :]

@@ -62,6 +62,12 @@ def add_commands(sub) -> None:
                    help="tr sqrt(S1 S2): scipy sqrtm as GUIDE, eigh (faster), gram (exact, for <= 2048 samples); auto picks")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="renders in fp32 as GUIDE (default) or under bf16 autocast on CUDA (faster, not GUIDE's numerics)")
+    p.add_argument("--upsample-conv", choices=["reference", "folded"], default="reference",
+                   help="2x up-convolutions: the official two passes (default) or the FIR folded into the kernel "
+                        "(the same maths, rounding aside; faster on a GPU)")
+    p.add_argument("--skip-path", choices=["reference", "triton"], default="reference",
+                   help="synthesis skip paths: the official operators (default) or the fused Triton kernel "
+                        "(fp32 arithmetic; needs CUDA)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile (Inductor) of the generators' backbone synthesis and super-resolution "
                         "(auto: the execution plan's choice, off until measured faster); a failure falls back to "
@@ -165,6 +171,7 @@ def _evaluate(args) -> int:
 
     device = resolve_device(args.device)
     check_renderer(args.renderer, device)
+    check_renderer(args.skip_path, device, "--skip-path")  # the same rule: triton needs CUDA
     check_precision(args.precision, device)
     check_positive(args.batch_size, "--batch-size")
     if args.samples < 0 or args.samples == 1:
@@ -191,9 +198,11 @@ def _evaluate(args) -> int:
     from ..plan import ExecutionPlan
 
     # the renders' execution: the chosen renderer, fp32 (GUIDE's numerics) unless --precision bf16;
-    # the official operators and no graph capture (evaluation renders each batch once)
+    # the official operators unless --upsample-conv / --skip-path say otherwise, and no graph
+    # capture (evaluation renders each batch once)
     plan = ExecutionPlan.resolve(device, path="fast", renderer=args.renderer, precision=args.precision,
-                                 upsample_conv="reference", cuda_graph=False, compile=args.compile)
+                                 upsample_conv=args.upsample_conv, skip_path=args.skip_path, cuda_graph=False,
+                                 compile=args.compile)
     renderer = plan.renderer
     notes: list[str] = []
     if args.run:
