@@ -267,6 +267,24 @@ def test_cli_evaluates_a_run_directory_with_random_ir101_and_inception(run_dir, 
     assert "eval.json" in out
 
 
+def test_cli_fast_operators_give_the_official_operators_metrics(run_dir, tmp_path, capsys):
+    """--upsample-conv folded --skip-path triton (the interpreter here): the same maths as the
+    official operators, so the same metrics up to rounding, and eval.json's plan names them."""
+    common = ["evaluate", "--run", str(run_dir), "--random-nets", "--id-backend", "torch", "--align", "crop",
+              "--samples", "3", "--preserve", "2", "--batch-size", "11", "--noise", "paired", "--quiet"]
+    results = []
+    for i, extra in enumerate(([], ["--upsample-conv", "folded", "--skip-path", "triton"])):
+        out = tmp_path / f"eval{i}"
+        assert cli_main(common + ["--out", str(out)] + extra) == 0, capsys.readouterr().out
+        results.append(json.loads((out / "eval.json").read_text()))
+    official, fast = results
+    assert official["settings"]["plan"]["upsample_conv"] == "reference"
+    assert official["settings"]["plan"]["skip_path"] == "reference"
+    assert fast["settings"]["plan"]["upsample_conv"] == "folded" and fast["settings"]["plan"]["skip_path"] == "triton"
+    for key in ("id", "preservation"):
+        assert abs(fast["metrics"][key] - official["metrics"][key]) < 1e-4, key
+
+
 def test_cli_loads_inception_weights_from_a_file(run_dir, tmp_path, inception, capsys):
     weights = tmp_path / "pt_inception-random.pth"
     torch.save(inception.state_dict(), weights)
