@@ -108,6 +108,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", choices=["on", "off"], default="off",
                     help="profile the compiled step (guide_fast/compiled.py): which kernels Inductor left unfused")
     ap.add_argument("--noise-passes", choices=["shared", "separate"], default="shared")
+    ap.add_argument("--skip-path", choices=["reference", "triton"], default="reference",
+                    help="the synthesis skip paths: official operators or the fused kernel (kernels/skip_path.py)")
     args = ap.parse_args(argv)
     import guide_fast.profiling as prof
     from guide_fast import UnlearnConfig, Unlearner
@@ -122,7 +124,7 @@ def main(argv=None) -> int:
     id_loss = IdentityLoss(build_backbone("ir_se50", seed=0)).to(dev)
     lpips = LPIPS.random(0).to(dev)
     cfg = UnlearnConfig(iterations=10**6, cuda_graph=False, log_every=10**9, compile=args.compile,
-                        noise_passes=args.noise_passes)
+                        noise_passes=args.noise_passes, skip_path=args.skip_path)
     session = Unlearner(gen, id_loss, lpips, cfg).prepare(seeds=list(range(args.identities)))
     for _ in range(3):
         session.step()
