@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import make_row, time_session_steps, write_rows
+from benchmarks.common import make_row, parse_args, time_session_steps, write_rows
 
 BENCH = "distributed"
 
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 4 on the CPU, 10 on a GPU)")
     ap.add_argument("--quick", action="store_true", help="fewer steps")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv)
     on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     numel = trainable_numel("ffhq512-128")
     from guide_fast.unlearn.distributed import gradient_bytes

@@ -162,7 +162,7 @@ def main(argv=None) -> int:
                     help="GPU: repeat the measured run with folded up-convolutions and the skip-path kernel")
     ap.add_argument("--compile-ablation", action="store_true",
                     help="repeat the measured run with torch.compile on the generators (compile time reported)")
-    args = ap.parse_args(argv)
+    args = common.parse_args(ap, argv)
     if args.out:
         from pathlib import Path
 

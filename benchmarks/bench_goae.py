@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import make_row, peak_memory_mb, reset_peak, time_fn, write_rows  # noqa: E402
+from benchmarks.common import make_row, parse_args, peak_memory_mb, reset_peak, time_fn, write_rows  # noqa: E402
 from guide_fast.inversion.goae import OFFICIAL, GOAEConfig, GOAEncoder, load_encoder  # noqa: E402
 from guide_fast.plan import ExecutionPlan  # noqa: E402
 
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,8 on CUDA, 1,2 on a CPU)")
     ap.add_argument("--weights", default=None, help="time the real encoder_FFHQ.pt instead of random weights")
     ap.add_argument("--budget-s", type=float, default=None, help="stop adding rows after about this many seconds")
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv)
 
     t_start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

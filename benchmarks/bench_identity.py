@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import make_row, peak_memory_mb, reset_peak, time_fn, write_rows  # noqa: E402
+from benchmarks.common import make_row, parse_args, peak_memory_mb, reset_peak, time_fn, write_rows  # noqa: E402
 from guide_fast.identity import IdentityScorer, available_backends, build_backbone, load_backbone  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default=None, help="comma-separated subset of torch,onnxruntime,tensorrt")
     ap.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,64)")
     ap.add_argument("--no-align", action="store_true", help="skip the MTCNN alignment row")
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.weights:

@@ -236,7 +236,7 @@ def main(argv=None) -> int:
                     help="results CSV file, or a directory for results.csv (default: GUIDE_FAST_RESULTS_DIR "
                          "or benchmarks/results)")
     ap.add_argument("--sweep", action="store_true", help="also time the fused path at block_rays 16/32/64")
-    args = ap.parse_args(argv)
+    args = common.parse_args(ap, argv)
 
     filename = "results.csv"  # the file benchmarks/run.py collects
     if args.out:

@@ -68,7 +68,7 @@ def _runner(fused: bool, backward: bool, img, raw, bias, f, clamp, device):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args(argv)
+    args = common.parse_args(ap, argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda":
         common.write_rows([common.make_row(BENCH, "forward, forward+backward", path="reference, fused",

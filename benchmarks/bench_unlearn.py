@@ -39,7 +39,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import make_row, peak_memory_mb, reset_peak, time_session_steps, write_rows
+from benchmarks.common import make_row, parse_args, peak_memory_mb, reset_peak, time_session_steps, write_rows
 
 # docs/performance.md §2: work per GUIDE step and identity at the FFHQ 512/128 settings
 TFLOP_PER_STEP = {"ffhq512-128": 7.4}
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU smoke run: tiny preset, 2-step headline runs, one step per row, every part once")
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv)
 
     start = time.perf_counter()
     if os.environ.get("PART_BUDGET_S"):  # gpu_suite.sh: what the suite gives this part

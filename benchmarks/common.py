@@ -54,6 +54,17 @@ def versions() -> dict:
     return {"torch": torch.__version__, "triton": triton_version}
 
 
+def parse_args(parser, argv=None):
+    """parser.parse_args(argv); with GUIDE_FAST_CHECK_ARGS=1 that is all: the GPU suite's dry run
+    (GPU_SUITE_DRY_RUN=1 benchmarks/gpu_suite.sh) checks every part's flags this way, on any
+    machine, before a lent GPU's minutes are spent on a typo."""
+    args = parser.parse_args(argv)
+    if os.environ.get("GUIDE_FAST_CHECK_ARGS") == "1":
+        print(f"arguments ok: {parser.prog} {' '.join(argv) if argv is not None else ''}".rstrip(), flush=True)
+        raise SystemExit(0)
+    return args
+
+
 def time_fn(fn, *, warmup: int = 3, repeats: int = 20, device=None, min_time_s: float = 0.0) -> dict:
     """Median / p20 / p80 in milliseconds. CUDA: events around each call; CPU: perf_counter."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -43,7 +43,14 @@ t0=$(date +%s)
 step() { echo; echo "=== [$(( $(date +%s) - t0 ))s] $*"; }
 status=0
 
+# GPU_SUITE_DRY_RUN=1: on any machine, check every part's command (the benchmarks' flags through
+# GUIDE_FAST_CHECK_ARGS, the test files and -k selections through pytest --collect-only, the
+# shell fragments through bash -n) and run nothing: tests/test_gpu_suite.py does this in CI
+DRY=${GPU_SUITE_DRY_RUN:-0}
 step "environment"
+if [[ $DRY == 1 ]]; then
+  echo "dry run: checking the parts' commands only"
+else
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$LOGS/gpu.txt"
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -57,6 +64,7 @@ $PY - <<'PY' | tee "$LOGS/versions.txt"
 import torch, triton, guide_fast, guide_fast.kernels
 print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name())
 PY
+fi
 
 PARTS=${GPU_SUITE_PARTS:-unlearn-headline eval unlearn-micro render engine-tests render-tests skip skip-tests goae distributed identity identity-tests ncu}
 SUITE_BUDGET_S=${SUITE_BUDGET_S:-560}
@@ -68,6 +76,13 @@ budget() {  # part budget -> seconds to give it (0: skip)
 }
 
 run_tests() {  # name, timeout, test files...
+  if [[ $DRY == 1 ]]; then
+    local name=$1; shift 2
+    if $PY -m pytest -q --collect-only -p no:cacheprovider "$@" >"$LOGS/collect_$name.log" 2>&1; then
+      echo "tests ok: $name ($(grep -c '::' "$LOGS/collect_$name.log") selected)"
+    else echo "TESTS BROKEN: $name: $*"; tail -5 "$LOGS/collect_$name.log"; status=1; fi
+    return
+  fi
   local name=$1 limit; limit=$(budget "$2"); shift 2
   if (( limit == 0 )); then echo "SKIPPED (suite budget spent): tests $name"; status=1; return; fi
   step "GPU tests: $name (budget ${limit}s)"
@@ -75,6 +90,12 @@ run_tests() {  # name, timeout, test files...
     || { echo "($name tests failed or timed out)"; status=1; }
 }
 run_bench() {  # name, timeout, args...
+  if [[ $DRY == 1 ]]; then
+    local name=$1; shift 2
+    GUIDE_FAST_CHECK_ARGS=1 $PY -m "benchmarks.$name" "$@" >/dev/null 2>"$LOGS/args_$name.log" \
+      && echo "arguments ok: $name $*" || { echo "ARGUMENTS BROKEN: $name $*"; tail -3 "$LOGS/args_$name.log"; status=1; }
+    return
+  fi
   local name=$1 limit; limit=$(budget "$2"); shift 2
   if (( limit == 0 )); then echo "SKIPPED (suite budget spent): benchmark $name $*"; status=1; return; fi
   step "benchmark $name $* (budget ${limit}s)"
@@ -107,9 +128,13 @@ for part in $PARTS; do
     # optional (not in the default list): per-phase time and top kernels of the compiled step, to
     # see what Inductor leaves for a hand-written kernel (the skip path has one: kernels/skip_path.py)
     profile) step "step breakdown, compiled"
+      if [[ $DRY == 1 ]]; then
+        GUIDE_FAST_CHECK_ARGS=1 $PY -m profiling.step_breakdown --compile on --no-ab >/dev/null || status=1; continue
+      fi
       timeout "$(budget 120)" $PY -m profiling.step_breakdown --compile on --no-ab 2>&1 | tee "$LOGS/step_breakdown_compiled.log" \
         || echo "(step breakdown failed or timed out)" ;;
     ncu)
+      if [[ $DRY == 1 ]]; then bash -n profiling/ncu_render.sh && echo "shell ok: ncu" || status=1; continue; fi
       if command -v ncu >/dev/null 2>&1; then
         step "Nsight Compute: one fused render kernel"
         timeout 40 bash profiling/ncu_render.sh "$LOGS/ncu" 2>&1 | tail -40 | tee "$LOGS/ncu.log" || echo "(ncu step failed or timed out)"
@@ -118,6 +143,7 @@ for part in $PARTS; do
   esac
 done
 
+if [[ $DRY == 1 ]]; then echo "dry run finished, status $status"; exit $status; fi
 step "summary"
 column -s, -t < "$OUT/results.csv" 2>/dev/null | cut -c1-240 || true
 tar -czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null || true

@@ -110,7 +110,9 @@ def main(argv=None) -> int:
     ap.add_argument("--noise-passes", choices=["shared", "separate"], default="shared")
     ap.add_argument("--skip-path", choices=["reference", "triton"], default="reference",
                     help="the synthesis skip paths: official operators or the fused kernel (kernels/skip_path.py)")
-    args = ap.parse_args(argv)
+    from benchmarks.common import parse_args
+
+    args = parse_args(ap, argv)
     import guide_fast.profiling as prof
     from guide_fast import UnlearnConfig, Unlearner
     from guide_fast.eg3d.generator import build_generator
