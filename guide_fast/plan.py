@@ -187,6 +187,23 @@ class ExecutionPlan:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=cache_enabled)
 
+    @contextlib.contextmanager
+    def backend_flags(self):
+        """The library settings the fast path runs under on CUDA: cuDNN's benchmark mode, which
+        times each new convolution shape once and keeps the fastest algorithm (a run's shapes never
+        change, so its first steps or batches pay for that once; a captured step keeps the
+        choices). The caller's setting is restored on exit: a service's own flags stay its own.
+        Elsewhere a no-op (the reference path keeps whatever the caller set)."""
+        if self.path != "fast" or self.device.type != "cuda":
+            yield
+            return
+        saved = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.benchmark = saved
+
     def apply(self, generator: "TriPlaneGenerator") -> "TriPlaneGenerator":
         """Set the generator's operator switches to this plan (renderer, up-convs, skip path, memory format)."""
         generator.set_operators(self.renderer, self.upsample_conv, self.skip_path)

@@ -495,3 +495,38 @@ def test_a_given_execution_plan_is_the_one_the_run_uses(gen, nets):
         Unlearner(gen, id_loss, lpips, _cfg(), plan="fast")
     with pytest.raises(InputError, match="generator is on cpu"):
         Unlearner(gen, id_loss, lpips, _cfg(), plan=ExecutionPlan.resolve("cuda"))
+
+
+def test_the_fast_plan_runs_steps_in_cudnn_benchmark_mode_and_restores_the_callers_flag(gen, nets, monkeypatch):
+    """ExecutionPlan.backend_flags: cuDNN's benchmark mode on for the fast path on CUDA, the
+    caller's flag back afterwards (also after an exception); a no-op on the reference path and on
+    the CPU. Every session step runs inside it (a CUDA plan is built without a GPU: nothing runs)."""
+    saved = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        fast_cuda = ExecutionPlan(torch.device("cuda"), path="fast")
+        with fast_cuda.backend_flags():
+            assert torch.backends.cudnn.benchmark is True
+        assert torch.backends.cudnn.benchmark is False
+        with pytest.raises(RuntimeError, match="inside"):
+            with fast_cuda.backend_flags():
+                raise RuntimeError("inside")
+        assert torch.backends.cudnn.benchmark is False
+        for plan in (ExecutionPlan(torch.device("cuda"), path="reference"), ExecutionPlan.resolve("cpu")):
+            with plan.backend_flags():
+                assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = saved
+    entered = []
+    original = ExecutionPlan.backend_flags
+
+    def recording(self):
+        entered.append(self)
+        return original(self)
+
+    monkeypatch.setattr(ExecutionPlan, "backend_flags", recording)
+    id_loss, lpips = nets
+    session = Unlearner(gen, id_loss, lpips, _cfg(iterations=2)).prepare(seeds=[3])
+    session.step()
+    session.step()
+    assert entered == [session.plan, session.plan]

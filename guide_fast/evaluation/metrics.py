@@ -109,7 +109,7 @@ def render_pairs(source, unlearned, ws_s, ws_u, labels, *, plan: ExecutionPlan, 
     device = ws_s.device
     images = []
     for gen, ws, rng in zip((source, unlearned), (ws_s, ws_u), side_generators(noise, noise_seed, device)):
-        with plan.autocast():
+        with plan.autocast(), plan.backend_flags():
             img = gen.synthesis(ws, labels, noise_mode=noise_mode, generator=rng)["image"]
         images.append(quantize_like_png(img))
     return images[0], images[1]

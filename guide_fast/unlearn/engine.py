@@ -213,6 +213,13 @@ class UnlearnSession:
             raise InputError("this session is finished (finish() handed its generator back); prepare a new one")
         if self.steps_done >= self.config.iterations:
             raise InputError(f"all {self.config.iterations} iterations are done")
+        with self.plan.backend_flags():
+            self._step_once()
+        self.steps_done += 1
+        if self.reducer is not None and self.dist.world_size > 1:
+            self.reducer.check_status(self.steps_done)
+
+    def _step_once(self) -> None:
         if self.use_graph and self.graph is None and self.steps_done >= self.config.warmup_steps:
             try:
                 self._capture()
@@ -235,9 +242,6 @@ class UnlearnSession:
             if self.reducer is None or isinstance(exc, DistributedError):
                 raise
             self.reducer.fail(exc, self.steps_done + 1)  # every rank stops at this step, with this message
-        self.steps_done += 1
-        if self.reducer is not None and self.dist.world_size > 1:
-            self.reducer.check_status(self.steps_done)
 
     def _run_step(self) -> None:
         if self.inductor_graphs:
