@@ -3,8 +3,9 @@
 One model, two paths (ARCHITECTURE.md): the reference path is the plain-PyTorch oracle
 (fp32, the reference renderer, the official operators, eager); the fast path swaps in the fused
 Triton renderer, bf16 autocast, the folded 2x up-convolutions, optional channels_last, CUDA-graph
-capture and (optionally) torch.compile. Which of those a run uses is decided here and nowhere
-else: the engine, inversion, evaluation, the CLI and the tests all take an `ExecutionPlan`.
+capture and, optionally, the skip-path kernel and torch.compile. Which of those a run uses is
+decided here and nowhere else: the engine, inversion, evaluation, the CLI and the tests all take
+an `ExecutionPlan`.
 """
 from __future__ import annotations
 
@@ -134,9 +135,10 @@ class ExecutionPlan:
         "auto" on the fast path: the Triton renderer and bf16 on CUDA, the reference renderer
         and fp32 elsewhere; folded up-convolutions; graph capture on CUDA; compile off until
         it is measured faster (docs/performance.md), and the skip-path kernel likewise (written
-        and tested on the interpreter, not yet timed on a GPU: "auto" is "reference" until then). On the reference path every "auto" is the
-        oracle's choice. `differentiable_rays=True` (a learnt camera) forces the reference
-        renderer: the fused kernel differentiates planes and decoder only.
+        and tested on the interpreter, not yet timed on a GPU: "auto" is "reference" until
+        then). On the reference path every "auto" is the oracle's choice.
+        `differentiable_rays=True` (a learnt camera) forces the reference renderer: the fused
+        kernel differentiates planes and decoder only.
         """
         dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         _choice("path", path, PATHS, auto_ok=False)
