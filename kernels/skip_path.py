@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
+
 @triton.jit
 def _split(offs, C, OH, OW):
     """Flat element index of an [N, C, OH, OW] tensor -> (n, c, y, x); int32 (the launcher keeps
