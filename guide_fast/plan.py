@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Literal, get_args
 
@@ -190,7 +191,7 @@ class ExecutionPlan:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=cache_enabled)
 
     @contextlib.contextmanager
-    def backend_flags(self):
+    def backend_flags(self) -> Iterator[None]:
         """The library settings the fast path runs under on CUDA: cuDNN's benchmark mode, which
         times each new convolution shape once and keeps the fastest algorithm (a run's shapes never
         change, so its first steps or batches pay for that once; a captured step keeps the
