@@ -530,3 +530,46 @@ def test_the_fast_plan_runs_steps_in_cudnn_benchmark_mode_and_restores_the_calle
     session.step()
     session.step()
     assert entered == [session.plan, session.plan]
+
+
+def test_a_failing_triton_kernel_falls_back_to_the_reference_operators(gen, nets, monkeypatch):
+    """The fused renderer raising inside guide_fast.kernels (as a Triton compile error would on a
+    GPU it was not built for): the step is retried with the reference renderer and skip path, the
+    reason is in the timings, and the Unlearner's later runs start without the kernels. An error
+    raised elsewhere, or an out-of-memory error, is not swallowed."""
+    import guide_fast.kernels.triplane_render as tr
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PassManager::run failed (simulated Triton compile error)")
+
+    monkeypatch.setattr(tr, "render_forward", broken)
+    id_loss, lpips = nets
+    unl = Unlearner(gen, id_loss, lpips, _cfg(iterations=2, renderer="triton", skip_path="triton"))
+    session = unl.prepare(seeds=[3])
+    assert session.plan.renderer == "triton" and session.g_u.skip_path == "triton"
+    with pytest.warns(UserWarning, match="Triton kernels failed"):
+        session.step()
+    assert session.steps_done == 1 and "simulated Triton compile error" in session.timings["kernel_error"]
+    assert (session.plan.renderer, session.plan.skip_path) == ("reference", "reference")
+    assert all(g.operators()["renderer"] == "reference" and g.skip_path == "reference"
+               for g in (session.g_u, session.g_s))
+    session.step()
+    res = session.finish(render=False)
+    assert res.timings["plan"]["renderer"] == "reference" and "kernel_error" in res.timings
+    assert unl.execution_plan().renderer == "reference"  # the next request starts without the kernels
+
+    # not from the kernels: raised as it is
+    unl2 = Unlearner(gen, id_loss, lpips, _cfg(iterations=2, renderer="triton"))
+    session2 = unl2.prepare(seeds=[3])
+    monkeypatch.setattr(session2.stepper, "losses", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("elsewhere")))
+    with pytest.raises(RuntimeError, match="elsewhere"):
+        session2.step()
+    assert unl2.kernel_error is None and session2.plan.renderer == "triton"
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(tr, "render_forward", oom)
+    session3 = Unlearner(gen, id_loss, lpips, _cfg(iterations=2, renderer="triton")).prepare(seeds=[3])
+    with pytest.raises(torch.OutOfMemoryError):
+        session3.step()

@@ -94,6 +94,33 @@ class UnlearnResult:
         return save_result(self, out_dir, **kwargs)
 
 
+def uses_kernels(plan: ExecutionPlan) -> bool:
+    """Whether a plan runs any hand-written Triton kernel (guide_fast.kernels)."""
+    return plan.renderer == "triton" or plan.skip_path == "triton"
+
+
+def without_kernels(plan: ExecutionPlan) -> ExecutionPlan:
+    """The plan with the reference renderer and skip path in place of the Triton kernels."""
+    return plan.with_(renderer="reference", skip_path="reference")
+
+
+def raised_in_kernels(exc: BaseException) -> bool:
+    """Whether the exception was raised inside guide_fast.kernels or Triton (its traceback's frames)."""
+    import os
+
+    import triton
+
+    from .. import kernels
+
+    roots = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (kernels, triton))
+    tb = exc.__traceback__
+    while tb is not None:
+        if os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(roots):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 class UnlearnSession:
     """A prepared run: copies of the generator, targets, the step and its optimizer."""
 
@@ -233,9 +260,9 @@ class UnlearnSession:
             try:
                 self._run_step()
             except Exception as exc:
-                if not self._compile_fallback(exc):
+                if not (self._compile_fallback(exc) or self._kernel_fallback(exc)):
                     raise
-                self._run_step()  # the same step again, eagerly (its draws are fresh ones)
+                self._run_step()  # the same step again, eagerly or without the kernels (fresh draws)
         except Exception as exc:
             from .distributed import DistributedError
 
@@ -277,6 +304,31 @@ class UnlearnSession:
         self._compile_failed = True
         fail_all(self.compiled_modules(), exc)
         self.timings["compile_error"] = self.compile_report.error_text()
+        self.optimizer_zero()
+        self.synchronize()
+        return True
+
+    def _kernel_fallback(self, exc: Exception) -> bool:
+        """A step failed inside the hand-written Triton kernels (the fused renderer, the skip
+        path) before capture, e.g. a Triton compile error or a launch out of resources on a GPU
+        they were never built on: the session goes on with the reference renderer and skip path
+        (the same maths), the reason recorded in timings["kernel_error"] and warned about, and
+        the step is retried. The Unlearner remembers it, so later runs in the process start
+        without the kernels instead of failing once each. Out-of-memory errors are not caught here
+        (the reference renderer needs more memory, not less)."""
+        if (self.graph is not None or isinstance(exc, (GuideFastError, torch.OutOfMemoryError))
+                or getattr(self, "_kernel_failed", False) or not uses_kernels(self.plan)
+                or not raised_in_kernels(exc)):
+            return False
+        self._kernel_failed = True
+        reason = f"{type(exc).__name__}: {exc}"[:500]
+        self.timings["kernel_error"] = reason
+        self.unlearner.kernel_error = reason
+        self.plan = without_kernels(self.plan)
+        self.stepper.plan = self.plan
+        for g in (self.g_u, self.g_s):
+            g.set_renderer(self.plan.renderer).set_skip_path(self.plan.skip_path)
+        warnings.warn(f"the Triton kernels failed ({reason}); continuing with the reference renderer and skip path")
         self.optimizer_zero()
         self.synchronize()
         return True
@@ -433,6 +485,7 @@ class Unlearner:
         from ..inversion.average import resolve_w_avg
 
         self.w_avg = resolve_w_avg(w_avg, generator)
+        self.kernel_error: str | None = None  # set when a run's Triton kernels failed (UnlearnSession)
         self.plan = None
         if plan is not None:
             if not isinstance(plan, ExecutionPlan):
@@ -445,10 +498,10 @@ class Unlearner:
             self.plan = plan
 
     def execution_plan(self) -> ExecutionPlan:
-        """The plan runs use: the given one, else resolved from the config for the generator's device."""
-        if self.plan is not None:
-            return self.plan
-        return self.config.execution_plan(next(self.generator.parameters()).device)
+        """The plan runs use: the given one, else resolved from the config for the generator's device;
+        without the Triton kernels once they have failed in this process (kernel_error)."""
+        plan = self.plan if self.plan is not None else self.config.execution_plan(next(self.generator.parameters()).device)
+        return without_kernels(plan) if self.kernel_error is not None else plan
 
     def _dist(self):
         from .distributed import resolve_group
