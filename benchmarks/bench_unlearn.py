@@ -87,6 +87,8 @@ def time_steps(nets, cfg_kwargs, seeds, steps: int, device) -> dict:
         "cached_target_planes": getattr(session.stepper, "cache_target", False),
         "noise_passes": cfg.noise_passes, "compile": session.plan.compile,
         "compile_error": session.compile_report.error_text(),
+        # a fallback is part of what was timed: a row says when the run left its plan
+        "kernel_error": session.timings.get("kernel_error"), "graph_error": session.timings.get("graph_error"),
     }
 
 
@@ -108,6 +110,13 @@ def cold_process(preset: str, seed: int, iters: int, device, flags: list, timeou
     report = json.loads((out / "report.json").read_text())
     written = sorted(p.name for p in out.iterdir())
     return {"wall_s": wall, "timings": report.get("timings", {}), "written": written}
+
+
+def fallbacks(timings: dict) -> str:
+    """The plan a headline run really ran (renderer, skip path) and any fallback it took, for its row."""
+    return (f"renderer={timings.get('renderer')}; skip_path={timings.get('skip_path')}; "
+            f"compile_error={timings.get('compile_error')}; kernel_error={timings.get('kernel_error')}; "
+            f"graph_error={timings.get('graph_error')}")
 
 
 def headline(nets, preset: str, device, seed: int, iters: int, cfg_kwargs: dict, warm_iters: int = 3) -> dict:
@@ -204,8 +213,9 @@ def main(argv=None) -> int:
         ex = f"setup_s={res['setup_s']:.2f}; renderer={res['renderer']}; graph={res['graph']}"
         if res.get("capture_s"):
             ex += f"; capture_s={res['capture_s']:.2f}"
-        if res.get("compile_error"):
-            ex += f"; compile_error={res['compile_error'][:120]}"
+        for key in ("compile_error", "kernel_error", "graph_error"):
+            if res.get(key):
+                ex += f"; {key}={res[key][:120]}"
         ex += f"; per_identity_ms={res['timing']['median_ms'] / n:.1f}"
         rate = tflops(preset, res["timing"]["median_ms"], n)
         ex += (f"; {rate}" if rate else "") + (f"; {extra}" if extra else "")
@@ -234,7 +244,7 @@ def main(argv=None) -> int:
                     extra=(f"wall_s={cold['wall_s']:.1f}; loop_s={t.get('loop_s', float('nan')):.1f}; "
                            f"setup_s={t.get('setup_s', 0):.1f}; compile_s={t.get('compile_s', 0):.1f}; "
                            f"capture_s={t.get('capture_s', 0):.1f}; render_s={t.get('render_s', 0):.1f}; "
-                           f"total_s={t.get('total_s', 0):.1f}; compile_error={t.get('compile_error')}; "
+                           f"total_s={t.get('total_s', 0):.1f}; {fallbacks(t)}; "
                            f"written={','.join(cold['written'])}; "
                            f"target_60s={'met' if cold['wall_s'] <= 60 else 'not met'}"),
                     device=device))
@@ -251,7 +261,8 @@ def main(argv=None) -> int:
                 common = (f"steady_step_ms={step_ms:.1f}; first_step_s={t.get('first_step_s', 0):.2f}; "
                           f"capture_s={t.get('capture_s', 0):.2f}; compile_s={t.get('compile_s', 0):.2f}; "
                           f"compile={t.get('compile', {}).get('modules') != []}; cuda_graph={t.get('cuda_graph')}; "
-                          f"noise_passes={t.get('noise_passes')}; final_total_loss={warm['final_total']:.4f}"
+                          f"noise_passes={t.get('noise_passes')}; final_total_loss={warm['final_total']:.4f}; "
+                          f"{fallbacks(t)}"
                           + (f"; {rate}" if rate else ""))
                 emit(make_row("unlearn", "(a) loop: 1000-step loop alone (warm process)" if args.iters == 1000 else
                               f"(a) loop: {args.iters}-step loop alone (warm process)", path="fast" + graph,
