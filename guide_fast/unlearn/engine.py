@@ -317,10 +317,8 @@ class UnlearnSession:
         without the kernels instead of failing once each. Out-of-memory errors are not caught here
         (the reference renderer needs more memory, not less)."""
         if (self.graph is not None or isinstance(exc, (GuideFastError, torch.OutOfMemoryError))
-                or getattr(self, "_kernel_failed", False) or not uses_kernels(self.plan)
-                or not raised_in_kernels(exc)):
+                or "kernel_error" in self.timings or not uses_kernels(self.plan) or not raised_in_kernels(exc)):
             return False
-        self._kernel_failed = True
         reason = f"{type(exc).__name__}: {exc}"[:500]
         self.timings["kernel_error"] = reason
         self.unlearner.kernel_error = reason
