@@ -26,7 +26,7 @@
 # profile (step breakdown of the compiled step). HEADLINE_COMPILE=on|off|auto sets the headline
 # runs' --compile; COMPILE_ABLATION=all adds the reduce-overhead row; UNLEARN_ARGS adds flags to the
 # per-step rows. A second call for what the first skipped, e.g.
-#   GPU_SUITE_PARTS="unlearn-micro render engine-tests render-tests" bash benchmarks/gpu_suite.sh
+#   GPU_SUITE_PARTS="unlearn-micro render engine-tests render-tests skip skip-tests" bash benchmarks/gpu_suite.sh
 # The device tool returns at most 8 files from $OUT: the suite leaves exactly three there,
 # suite.log (everything printed), results.csv (the benchmark rows) and logs.tgz (per-part logs).
 set -uo pipefail
