@@ -190,6 +190,15 @@ class ExecutionPlan:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=cache_enabled)
 
+    @property
+    def uses_kernels(self) -> bool:
+        """Whether this plan runs any hand-written Triton kernel (guide_fast.kernels)."""
+        return self.renderer == "triton" or self.skip_path == "triton"
+
+    def without_kernels(self) -> "ExecutionPlan":
+        """This plan with the reference renderer and skip path in place of the Triton kernels."""
+        return self.with_(renderer="reference", skip_path="reference")
+
     @contextlib.contextmanager
     def backend_flags(self) -> Iterator[None]:
         """The library settings the fast path runs under on CUDA: cuDNN's benchmark mode, which

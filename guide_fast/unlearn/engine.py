@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -22,7 +23,6 @@ from ..errors import GuideFastError, InputError
 from ..plan import ExecutionPlan
 
 if TYPE_CHECKING:
-    import os
     from collections.abc import Callable, Sequence
     from pathlib import Path
 
@@ -94,20 +94,8 @@ class UnlearnResult:
         return save_result(self, out_dir, **kwargs)
 
 
-def uses_kernels(plan: ExecutionPlan) -> bool:
-    """Whether a plan runs any hand-written Triton kernel (guide_fast.kernels)."""
-    return plan.renderer == "triton" or plan.skip_path == "triton"
-
-
-def without_kernels(plan: ExecutionPlan) -> ExecutionPlan:
-    """The plan with the reference renderer and skip path in place of the Triton kernels."""
-    return plan.with_(renderer="reference", skip_path="reference")
-
-
 def raised_in_kernels(exc: BaseException) -> bool:
     """Whether the exception was raised inside guide_fast.kernels or Triton (its traceback's frames)."""
-    import os
-
     import triton
 
     from .. import kernels
@@ -317,12 +305,12 @@ class UnlearnSession:
         without the kernels instead of failing once each. Out-of-memory errors are not caught here
         (the reference renderer needs more memory, not less)."""
         if (self.graph is not None or isinstance(exc, (GuideFastError, torch.OutOfMemoryError))
-                or "kernel_error" in self.timings or not uses_kernels(self.plan) or not raised_in_kernels(exc)):
+                or "kernel_error" in self.timings or not self.plan.uses_kernels or not raised_in_kernels(exc)):
             return False
         reason = f"{type(exc).__name__}: {exc}"[:500]
         self.timings["kernel_error"] = reason
         self.unlearner.kernel_error = reason
-        self.plan = without_kernels(self.plan)
+        self.plan = self.plan.without_kernels()
         self.stepper.plan = self.plan
         for g in (self.g_u, self.g_s):
             g.set_renderer(self.plan.renderer).set_skip_path(self.plan.skip_path)
@@ -499,7 +487,7 @@ class Unlearner:
         """The plan runs use: the given one, else resolved from the config for the generator's device;
         without the Triton kernels once they have failed in this process (kernel_error)."""
         plan = self.plan if self.plan is not None else self.config.execution_plan(next(self.generator.parameters()).device)
-        return without_kernels(plan) if self.kernel_error is not None else plan
+        return plan.without_kernels() if self.kernel_error is not None else plan
 
     def _dist(self):
         from .distributed import resolve_group
