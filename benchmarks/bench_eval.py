@@ -171,11 +171,11 @@ def main(argv=None) -> int:
     filename = (args.out.rsplit("/", 1)[-1] if args.out and args.out.endswith(".csv") else "results.csv")
 
     from guide_fast.eg3d.generator import build_generator
-    from guide_fast.evaluation import EvalCamera, evaluate, fastest_identity_backend
+    from guide_fast.evaluation import EvalCamera, evaluate, fastest_identity_backend, make_scorer
     from guide_fast.evaluation.metrics import FaceEmbedder, view_embeddings
     from guide_fast.plan import ExecutionPlan
     from guide_fast.fid import build_inception
-    from guide_fast.identity import IdentityScorer, build_backbone
+    from guide_fast.identity import build_backbone
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = device.type == "cuda"
@@ -193,10 +193,12 @@ def main(argv=None) -> int:
     source.set_renderer(renderer)
     unlearned = _perturbed(source).set_renderer(renderer)
     res = source.config.img_resolution
-    backend = fastest_identity_backend(device)
+    # the identity network runs as `guide-fast evaluate --precision` runs it: fp32 by default (GUIDE's)
+    backend = fastest_identity_backend(device, args.precision)
     if backend == "onnxruntime":
         backend = "torch"  # the ONNX export costs more than this benchmark's few identity calls save
-    scorer = IdentityScorer(build_backbone("ir101", seed=0), backend=backend, device=device, batch_size=64)
+    scorer = make_scorer(build_backbone("ir101", seed=0), device, batch_size=64, backend=backend,
+                         precision=args.precision)
     inception = build_inception(seed=0, device=device)
     from guide_fast import cameras
 
@@ -208,7 +210,7 @@ def main(argv=None) -> int:
     kw = dict(w_source=w, scorer=scorer, inception=inception, preserve_samples=0, align="crop", batch_size=bs,
               seed=0, plan=plan, fid_method=args.fid_method)
     print(f"[bench_eval] {preset} {res}x{res} on {common.device_name(device)}, renderer {renderer}, identity "
-          f"backend {backend}, setup {time.perf_counter() - t_setup:.1f}s", flush=True)
+          f"backend {backend} ({scorer.precision}), setup {time.perf_counter() - t_setup:.1f}s", flush=True)
 
     # Warm-up: Triton compilation, cuDNN autotuning, the scorer's CUDA graphs; then a calibration
     # run gives the per-pair cost used to size the measured run.
@@ -307,7 +309,8 @@ def main(argv=None) -> int:
                                                noise="official", noise_seed=1, noise_mode="random"),
                        warmup=1, repeats=3 if args.quick else 5, device=device)
     rows.append(common.make_row(BENCH, "ID 11 views (1 identity)", path="fast", shape=f"11 pairs, {preset} {res}x{res}",
-                                dtype=dtype, timing=t, device=device, extra=f"identity backend {backend}, align crop"))
+                                dtype=dtype, timing=t, device=device,
+                                extra=f"identity backend {backend} ({scorer.precision}), align crop"))
 
     # Per pair: fast (batched, in memory) vs reference (batch 1, PNG round trip, PyTorch renderer).
     fast_ms = per_pair_meas * 1e3

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .errors import InputError
@@ -95,6 +96,34 @@ def _as_angles(x, device) -> torch.Tensor:
     return torch.as_tensor(x, dtype=torch.float32, device=device).reshape(-1, 1)
 
 
+def check_camera(*, radius: float, fov_degrees: float, yaw_range: float, pitch: float, lookat=(0, 0, 0)) -> None:
+    """InputError unless the orbit camera is one that renders: radius > 0, 0 < FOV < 180 degrees,
+    yaw range >= 0, all finite (a zero radius or FOV gives NaN cameras, then NaN images)."""
+    for name, v in (("radius", radius), ("fov_degrees", fov_degrees), ("yaw_range", yaw_range), ("pitch", pitch),
+                    *((f"lookat[{i}]", x) for i, x in enumerate(lookat))):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise InputError(f"camera {name} must be a finite number, got {v!r}")
+    if radius <= 0:
+        raise InputError(f"camera radius must be > 0, got {radius}")
+    if not 0 < fov_degrees < 180:
+        raise InputError(f"camera fov_degrees must be in (0, 180), got {fov_degrees}")
+    if yaw_range < 0:
+        raise InputError(f"camera yaw_range must be >= 0, got {yaw_range}")
+
+
+def _from_frontal(x, device) -> torch.Tensor:
+    """pi/2 + x as float32 [N]: summed in float64 and rounded once, as the official scripts pass
+    `np.pi / 2 + angle` (a float64) to LookAtPoseSampler; a float32 sum would round the offset,
+    pi/2 and the sum separately (3e-7 apart in the camera for some of GUIDE's 11 views)."""
+    if torch.is_tensor(x):
+        t = x.to(device=device if device is not None else x.device, dtype=torch.float64)
+    elif isinstance(x, (int, float)):  # a fill, not a host-to-device copy: safe inside CUDA-graph capture
+        t = torch.full((1,), float(x), dtype=torch.float64, device=device)
+    else:
+        t = torch.as_tensor(np.asarray(x, dtype=np.float64), device=device)
+    return (t.reshape(-1) + math.pi / 2).to(torch.float32)
+
+
 def camera_label(cam2world: torch.Tensor, intrinsics_: torch.Tensor) -> torch.Tensor:
     """[N, 4, 4] + [N, 3, 3] (or [3, 3]) -> [N, 25]."""
     if cam2world.ndim != 3 or cam2world.shape[1:] != (4, 4):
@@ -110,10 +139,10 @@ def pose_label(yaw, pitch, *, fov_degrees: float = GUIDE_FOV_DEGREES, focal: flo
                lookat=GUIDE_LOOKAT, radius: float = DEFAULT_RADIUS, device=None) -> torch.Tensor:
     """Camera label for yaw / pitch offsets from frontal (radians): horizontal = pi/2 + yaw,
     vertical = pi/2 + pitch. GUIDE renders at pitch -0.2 (camera above the horizon)."""
-    yaw_t = _as_angles(yaw, device).reshape(-1)
-    pitch_t = _as_angles(pitch, yaw_t.device).reshape(-1)
+    yaw_t = _from_frontal(yaw, device)
+    pitch_t = _from_frontal(pitch, yaw_t.device)
     yaw_t, pitch_t = torch.broadcast_tensors(yaw_t, pitch_t)
-    c2w = look_at_pose(math.pi / 2 + yaw_t, math.pi / 2 + pitch_t, lookat=lookat, radius=radius, device=yaw_t.device)
+    c2w = look_at_pose(yaw_t, pitch_t, lookat=lookat, radius=radius, device=yaw_t.device)
     f = fov_to_focal(fov_degrees) if focal is None else focal
     return camera_label(c2w, intrinsics(f, c2w.shape[0], yaw_t.device))
 

@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from .errors import GuideFastError
+from .errors import GuideFastError, printable
 
 COMMAND_MODULES = [
     "guide_fast.commands.generator",
@@ -39,11 +39,11 @@ def main(argv=None) -> int:
     try:
         return int(args.func(args) or 0)
     except GuideFastError as exc:
-        print(f"guide-fast {args.command}: error: {exc}", file=sys.stderr)
+        print(f"guide-fast {args.command}: error: {printable(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file-system failure the checks did not foresee: still one line
         where = f" {exc.filename}" if exc.filename else ""
-        print(f"guide-fast {args.command}: error:{where} {exc.strerror or exc}", file=sys.stderr)
+        print(f"guide-fast {args.command}: error:{printable(where)} {printable(exc.strerror or exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"guide-fast {args.command}: interrupted; no partial output was kept", file=sys.stderr)

@@ -278,12 +278,6 @@ def _to_file_naming(state: Mapping) -> dict:
     return out
 
 
-def _describe(keys, limit: int = 4) -> str:
-    keys = sorted(keys)
-    more = f", ... ({len(keys)} in all)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
 def load_inception(path, device=None) -> FIDInception:
     """Load `pt_inception-2015-12-05-6726825d.pth` (or a state dict with the same keys) into
     the FID Inception. Raises CheckpointError naming the file when it is missing, unreadable, or
@@ -316,9 +310,9 @@ def load_inception(path, device=None) -> FIDInception:
         raise CheckpointError(
             f"{path} is not the FID Inception weights ({STANDARD_WEIGHTS_NAME}, torchvision Inception3 "
             f"key names): " + problems)
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise CheckpointError(f"{path}: non-finite values in {_describe(bad)}")
+    from .checkpoints.keys import check_weight_values
+
+    check_weight_values(state, path)
     full = dict(expected)  # optional entries absent from the file keep their defaults
     full.update({k: v.to(expected[k].dtype) for k, v in state.items()})
     model.load_state_dict(full, strict=True)

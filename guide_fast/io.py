@@ -121,6 +121,32 @@ def image_format(path, flag: str | None = None) -> str:
     return fmt
 
 
+MAX_JSON_BYTES = 64 << 20  # a run's report.json is a few hundred kB
+
+
+def read_json_object(path, what: str = "JSON file") -> dict:
+    """A JSON file that must hold an object (a run's report.json): InputError naming the file for
+    anything else (missing, not a regular file, too large, not UTF-8, not JSON, nested beyond
+    what the parser takes, not an object)."""
+    path = Path(path)
+    if not path.is_file():  # also refuses a FIFO or a device, which read_bytes would block on
+        raise InputError(f"{what} {path}: not found or not a regular file")
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise InputError(f"{what} {path}: {size:,} bytes, more than the {MAX_JSON_BYTES >> 20} MB a report can be")
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise InputError(f"{what} {path}: not UTF-8 text") from None
+    except RecursionError:
+        raise InputError(f"{what} {path}: JSON nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer of 4300+ digits
+        raise InputError(f"{what} {path}: not valid JSON ({str(exc)[:200]})") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{what} {path}: holds a JSON {type(value).__name__}, expected an object")
+    return value
+
+
 def folder_entries(path) -> list[str]:
     """Names in an existing folder (sorted), [] for a missing or empty one."""
     path = Path(path)

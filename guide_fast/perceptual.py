@@ -236,7 +236,7 @@ def read_vgg16_features(path) -> "OrderedDict[str, torch.Tensor]":
 
 
 def vgg16_features_from_state(state: dict, path="state_dict") -> "OrderedDict[str, torch.Tensor]":
-    from .checkpoints.keys import compare_keys
+    from .checkpoints.keys import check_weight_values, compare_keys
 
     expected = vgg16_feature_keys()
     feats = OrderedDict((k, v) for k, v in state.items() if k.startswith("features."))
@@ -248,13 +248,14 @@ def vgg16_features_from_state(state: dict, path="state_dict") -> "OrderedDict[st
             f"{path}: not a torchvision vgg16 state_dict; first differences: " + "; ".join(diffs[:8])
             + (f"; ... and {len(diffs) - 8} more" if len(diffs) > 8 else "")
         )
+    check_weight_values(feats, path)
     return feats
 
 
 def read_lpips_heads(path) -> "OrderedDict[str, torch.Tensor]":
     """The 5 linear heads of lpips v0.1 vgg.pth, checked by name and shape."""
     state = _load(path, "LPIPS head file")
-    from .checkpoints.keys import compare_keys
+    from .checkpoints.keys import check_weight_values, compare_keys
 
     expected = lpips_head_keys()
     # The package's own LPIPS.state_dict() also carries lins.* aliases and the trunk; accept a
@@ -265,6 +266,7 @@ def read_lpips_heads(path) -> "OrderedDict[str, torch.Tensor]":
         diffs = ["no lin{0..4}.model.1.weight keys"]
     if diffs:
         raise CheckpointError(f"{path}: not an lpips v0.1 vgg.pth head file; first differences: " + "; ".join(diffs[:8]))
+    check_weight_values(heads, path)
     return heads
 
 

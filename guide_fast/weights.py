@@ -68,11 +68,9 @@ def _state_dict(path, what):
 
 
 def _check_finite(path, state) -> None:
-    import torch
+    from .checkpoints.keys import check_weight_values
 
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise CheckpointError(f"{path}: non-finite values (NaN / inf) in {len(bad)} tensor(s), e.g. {bad[:3]}")
+    check_weight_values(state, path)
 
 
 def _num_params(state, skip=("num_batches_tracked", "running_mean", "running_var")) -> int:
@@ -135,8 +133,7 @@ def validate_vgg16(path) -> str:
     from .perceptual import vgg16_features_from_state
 
     state = _state_dict(path, "VGG16 weight file")
-    feats = vgg16_features_from_state(state, path)
-    _check_finite(path, feats)
+    feats = vgg16_features_from_state(state, path)  # names, shapes, dtypes and finiteness
     has_cls = any(k.startswith("classifier.") for k in state)
     return f"{len(feats)} features.* tensors ({_num_params(feats):,} parameters)" + (
         "; classifier present (unused)" if has_cls else "; no classifier (LPIPS does not need it)")
@@ -145,8 +142,7 @@ def validate_vgg16(path) -> str:
 def validate_lpips_heads(path) -> str:
     from .perceptual import read_lpips_heads
 
-    heads = read_lpips_heads(path)
-    _check_finite(path, heads)
+    heads = read_lpips_heads(path)  # names, shapes, dtypes and finiteness
     negative = [k for k, v in heads.items() if bool((v < 0).any())]
     note = f"; note: negative weights in {negative} (trained v0.1 heads are non-negative)" if negative else ""
     return f"5 heads, {_num_params(heads):,} weights{note}"

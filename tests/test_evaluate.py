@@ -137,10 +137,18 @@ def test_png_quantisation_matches_a_real_png_round_trip(tmp_path):
 
 def test_eval_camera_views_are_guides():
     cam = EvalCamera()
-    torch.testing.assert_close(cam.view_yaws(), torch.linspace(-math.pi / 12, math.pi / 12, 11))
+    yaws = np.linspace(-math.pi / 12, math.pi / 12, 11)  # GUIDE's float64 views
+    assert cam.view_yaws().dtype == torch.float64 and cam.view_yaws().tolist() == yaws.tolist()
     labels = cam.labels(cam.view_yaws(), "cpu")
     torch.testing.assert_close(labels, cameras.pose_label(torch.linspace(-math.pi / 12, math.pi / 12, 11), -0.2,
                                                           lookat=cameras.GUIDE_LOOKAT))
+    # LookAtPoseSampler.sample(np.pi / 2 + angle_y, np.pi / 2 + angle_p): summed in float64, rounded once
+    h = torch.tensor(np.pi / 2 + yaws, dtype=torch.float32)
+    v = torch.full((11,), np.pi / 2 - 0.2, dtype=torch.float32)
+    assert torch.equal(labels[:, :16].reshape(-1, 4, 4), cameras.look_at_pose(h, v, lookat=cameras.GUIDE_LOOKAT))
+    rounded_twice = cameras.look_at_pose(torch.tensor(yaws, dtype=torch.float32) + math.pi / 2, v,
+                                         lookat=cameras.GUIDE_LOOKAT)
+    assert not torch.equal(labels[:, :16].reshape(-1, 4, 4), rounded_twice)  # the test tells them apart
     custom = EvalCamera.from_config({"pitch": -0.1, "lookat": [0, 0, 0.2], "yaw_range": 0.3, "iterations": 5})
     assert custom.pitch == -0.1 and custom.lookat == (0.0, 0.0, 0.2) and custom.yaw_range == 0.3
 
@@ -261,6 +269,7 @@ def test_cli_evaluates_a_run_directory_with_random_ir101_and_inception(run_dir, 
     assert -1 <= m["id"] <= 1 and m["preservation"] is not None and np.isfinite(m["fid_pre"])
     assert result["id"]["pairs_scored"] == NUM_ID_VIEWS  # the crop path always yields a face
     assert result["settings"]["identity_backend"] == "torch" and result["settings"]["noise"] == "paired"
+    assert result["settings"]["identity_precision"] == "fp32"  # GUIDE's id_sim.py runs IR-101 in fp32
     assert any("RANDOM-WEIGHT" in n for n in result["notes"])
     for name in ("id_per_view.png", "loss_curves.png", "views.png"):
         assert (run_dir / name).is_file()
@@ -361,6 +370,23 @@ def test_cli_broken_weight_paths_give_clear_errors(run_dir, tmp_path, capsys):
 
     rc = cli_main(["evaluate", "--source", "tiny", "--random-nets"])
     assert rc == 2 and "--unlearned" in capsys.readouterr().err
+
+
+def test_identity_network_runs_in_fp32_unless_the_evaluation_asks_for_bf16(monkeypatch):
+    """GUIDE scores ID with IR-101 in fp32: the evaluation's default; bf16 (or TensorRT's fp16
+    engine) on CUDA only when the evaluation runs with precision bf16."""
+    from guide_fast.evaluation import fastest_identity_backend, make_scorer
+    from guide_fast.identity import build_backbone, scorer as scorer_mod
+
+    monkeypatch.setattr(scorer_mod, "available_backends", lambda: ["torch", "onnxruntime", "tensorrt"])
+    assert fastest_identity_backend("cuda", "fp32") == "torch"
+    assert fastest_identity_backend("cuda", "bf16") == "tensorrt"
+    assert fastest_identity_backend("cpu", "fp32") == fastest_identity_backend("cpu", "bf16") == "onnxruntime"
+    with pytest.raises(InputError, match="identity precision"):
+        fastest_identity_backend("cuda", "fp16")
+    net = build_backbone("ir_se50", seed=0)
+    for precision in ("fp32", "bf16"):  # a CPU runs fp32 either way
+        assert make_scorer(net, "cpu", backend="torch", precision=precision).precision == "fp32"
 
 
 def test_fid_from_features_used_by_evaluate_is_the_standard_formula():

@@ -192,6 +192,65 @@ def test_sr_fp16_emulation_close_to_fp32_and_clamped(tiny_generator):
     assert 0 < err < 5e-2 * max(1.0, a.abs().max().item())
 
 
+@pytest.mark.parametrize("act,clamp", [("lrelu", 256.0), ("lrelu", None), ("linear", 1.5)])
+def test_fp16_bias_act_rounds_once_like_the_cuda_plugin(act, clamp):
+    """docs/eg3d.md §8.2: the official bias_act plugin computes fp16 input in fp32 and rounds once;
+    rounding after each operation (the reference fallback) differs by an ulp on many elements."""
+    torch.manual_seed(0)
+    x = (torch.randn(3, 5, 7, 9) * 300).half().requires_grad_(True)
+    b = (torch.randn(5) * 10).half()
+    got = ops.bias_act(x, b, act=act, clamp=clamp)
+    assert got.dtype == torch.float16
+    want = ops.bias_act(x.detach().float(), b.float(), act=act, clamp=clamp).half()
+    assert torch.equal(got, want)
+    stepwise = x.detach() + b.reshape(1, -1, 1, 1)
+    if act == "lrelu":
+        stepwise = torch.nn.functional.leaky_relu(stepwise, 0.2) * ops.SQRT2
+    if clamp is not None:
+        stepwise = stepwise.clamp(-clamp, clamp)
+    if act == "lrelu":
+        assert (stepwise != got).any()  # the test can tell the two roundings apart
+    # the gradient: fp32 mask and gain, rounded to fp16 once
+    g = torch.randn(got.shape).half()
+    (dx,) = torch.autograd.grad(got, x, g)
+    xf = x.detach().float().requires_grad_(True)
+    (dxf,) = torch.autograd.grad(ops.bias_act(xf, b.float(), act=act, clamp=clamp), xf, g.float())
+    assert dx.dtype == torch.float16 and torch.equal(dx, dxf.half())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_train_mode_modconv_ends_in_one_fused_multiply_add(dtype):
+    """docs/eg3d.md §8.2: the non-fused modulated conv with noise ends in the official fma, one
+    addcmul (x * dcoefs + noise rounded once), with gradients for x, styles, weight and noise."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 4, 6, 5).to(dtype).requires_grad_(True)
+    weight = torch.randn(3, 4, 3, 3, requires_grad=True)
+    styles = (torch.rand(2, 4) + 0.5).requires_grad_(True)
+    noise = (torch.randn(2, 1, 6, 5) * 0.3).to(dtype).requires_grad_(True)
+    got = ops.modulated_conv2d(x, weight, styles, noise=noise, padding=1, fused_modconv=False)
+    conv = ops.modulated_conv2d(x, weight, styles, padding=1, fused_modconv=False, demodulate=False)
+    w = weight
+    if dtype == torch.float16:  # the fp16 pre-normalisation, as in ops.modulated_conv2d
+        w = w * (1 / 6 / w.norm(float("inf"), dim=[1, 2, 3], keepdim=True))
+        s = styles / styles.norm(float("inf"), dim=1, keepdim=True)
+        conv = ops.modulated_conv2d(x, w, s, padding=1, fused_modconv=False, demodulate=False)
+    else:
+        s = styles
+    d = ((w.unsqueeze(0) * s.reshape(2, 1, -1, 1, 1)).square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()
+    d = d.to(dtype).reshape(2, -1, 1, 1)
+    # official fma.fma(x, dcoefs, noise) is torch.addcmul(noise, x, dcoefs)
+    want = torch.addcmul(noise, conv, d)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    if dtype == torch.float16:  # rounded once, not as the two-step x * dcoefs + noise
+        torch.testing.assert_close(got, (conv.float() * d.float() + noise.float()).half(), rtol=0, atol=0)
+        assert not torch.equal(got, conv * d + noise)
+    g = torch.randn(got.shape).to(dtype)
+    grads = torch.autograd.grad(got, (x, weight, styles, noise), g)
+    assert all(t is not None and torch.isfinite(t).all() for t in grads)
+    torch.testing.assert_close(grads[3], g.sum(1, keepdim=True), rtol=0, atol=0)
+
+
 def test_mapping_truncation_and_conditioning(tiny_generator):
     g = tiny_generator
     z = torch.randn(4, g.config.z_dim)

@@ -176,3 +176,18 @@ def test_identity_loss_values_gradients_and_frozen_backbone(id_loss):
         id_loss(a, t[:1])
     with pytest.raises(InputError):
         id_loss(a, t, reduction="sum")
+
+
+@pytest.mark.parametrize("defect", ["nan", "int64"])
+def test_right_names_and_shapes_with_bad_values_are_refused(tmp_path, ir_se50_file, defect):
+    """NaN weights made NaN embeddings (every similarity null, no error); integer weights failed
+    halfway through load_state_dict with a raw RuntimeError."""
+    model, _ = ir_se50_file
+    state = dict(model.state_dict())
+    key = "body.0.res_layer.1.weight"
+    state[key] = state[key].clone().fill_(float("nan")) if defect == "nan" else state[key].long()
+    path = tmp_path / f"{defect}.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match="non-finite" if defect == "nan" else "not floating point") as err:
+        load_backbone(path)
+    assert str(path) in str(err.value) and key in str(err.value)

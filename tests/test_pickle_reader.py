@@ -405,3 +405,137 @@ def test_cli_paths_give_one_line_and_exit_2_for_crafted_files(tmp_path, capsys):
         out = capsys.readouterr()
         assert "Traceback" not in out.err and "invalid" in out.out, (name, out)
     assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "r.png").exists()
+
+
+# ------------------------------------------------------------------ second review's crafted files
+def _u(s: str) -> bytes:  # BINUNICODE, lone surrogates and control characters included
+    b = s.encode("utf-8", "surrogatepass")
+    return b"X" + struct.pack("<I", len(b)) + b
+
+
+def test_a_key_of_shared_tuples_is_refused_at_once_not_hashed_for_ever():
+    """Tuples shared through the memo make a 450-byte key whose tree has 10**7 leaves: hashing it
+    took 3.7 s (and W**7 in general); the reader counts the leaves first."""
+    width, levels = 10, 7
+    tuples = b"\x80\x02(" + b"K\x01" * width + b"tr\x00\x00\x00\x000"
+    for i in range(1, levels):
+        tuples += b"(" + (b"j" + struct.pack("<I", i - 1)) * width + b"tr" + struct.pack("<I", i) + b"0"
+    top = b"j" + struct.pack("<I", levels - 1)
+    with pytest.raises(CheckpointError, match="dictionary key of type tuple is not allowed"):
+        parse_pickle(tuples + b"}" + top + b"Ns.", source="bomb.pkl")
+    # a frozenset or set item of such tuples too; small tuple keys still work
+    with pytest.raises(CheckpointError, match="unhashable frozenset item"):
+        parse_pickle(tuples + b"(" + top + b"\x91.", source="bomb.pkl")
+    with pytest.raises(CheckpointError, match="ADDITEMS needs a set and hashable items"):
+        parse_pickle(tuples + b"\x8f(" + top + b"\x90.", source="bomb.pkl")
+    root, _ = parse_pickle(pickle.dumps({(1, ("a", 2.5, None)): 2}, protocol=2))
+    assert root == {(1, ("a", 2.5, None)): 2}
+
+
+def test_nested_numpy_scalars_are_an_error_not_a_recursion_error(tmp_path):
+    def scalar(inner: bytes) -> bytes:
+        return b"cnumpy.core.multiarray\nscalar\ncnumpy\ndtype\n" + _u("f4") + b"\x85R" + inner + b"\x86R"
+
+    x = b"C\x04AAAA"
+    for _ in range(400):
+        x = scalar(x)
+    p = tmp_path / "scalars.pkl"
+    p.write_bytes(_inject(x))
+    with pytest.raises(CheckpointError, match="nested more than"):
+        load_generator(p)
+    assert _load_records(b"\x80\x02" + scalar(b"C\x04\x00\x00\x80?") + b".") == 1.0  # one scalar is fine
+
+
+def test_names_from_the_file_cannot_forge_lines_of_output(tmp_path, capsys):
+    p = tmp_path / "nl.pkl"
+    p.write_bytes(b"\x80\x02}" + _u("G_ema") + _u("training.x\nguide-fast convert: wrote ok\x1b[2K")
+                  + _u("TriPlaneGenerator") + b"\x93)\x81s.")
+    with pytest.raises(CheckpointError) as err:
+        load_generator(p)
+    assert "\n" not in str(err.value) and "\x1b" not in str(err.value)
+    assert "training.x\\nguide-fast convert: wrote ok\\x1b[2K" in str(err.value)  # shown, escaped
+    assert cli_main(["convert", str(p), str(tmp_path / "o.safetensors")]) == 2
+    err_text = capsys.readouterr().err
+    assert err_text.count("\n") == 1 and "\x1b" not in err_text and not (tmp_path / "o.safetensors").exists()
+
+
+def _zip_of(members: list) -> bytes:
+    import io
+    import warnings
+    import zipfile
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns of the duplicate names these tests write on purpose
+        for name, data in members:
+            z.writestr(zipfile.ZipInfo(name), data)
+    return out.getvalue()
+
+
+def _torch_members(obj) -> list:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    z = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    return [(n, z.read(n)) for n in z.namelist()]
+
+
+def test_zip_members_must_be_unique_unencrypted_and_where_the_directory_says(tmp_path):
+    from guide_fast.checkpoints import load_latents
+
+    zeros = _torch_members({"w_source": torch.zeros(1, 14, 8)})
+    ones = dict(_torch_members({"w_source": torch.ones(1, 14, 8)}))
+    ok = tmp_path / "ok.pt"
+    ok.write_bytes(_zip_of(zeros))
+    assert torch.equal(load_latents(ok), torch.zeros(1, 14, 8))
+    # the same storage name twice: torch.load and a naive reader would take different copies
+    dup = tmp_path / "dup.pt"
+    dup.write_bytes(_zip_of(zeros + [("archive/data/0", ones["archive/data/0"])]))
+    with pytest.raises(CheckpointError, match="'archive/data/0' occurs twice"):
+        load_latents(dup)
+    # a central-directory offset that points at another member's local header
+    data = bytearray(_zip_of(zeros))
+    import io
+    import zipfile
+
+    infos = {i.filename: i for i in zipfile.ZipFile(io.BytesIO(bytes(data))).infolist()}
+    entry = data.index(b"archive/data/0", data.index(b"PK\x01\x02")) - 46  # its central directory record
+    assert data[entry:entry + 4] == b"PK\x01\x02"
+    data[entry + 42:entry + 46] = struct.pack("<I", infos["archive/data.pkl"].header_offset)
+    moved = tmp_path / "moved.pt"
+    moved.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="local header does not match the central directory"):
+        load_latents(moved)
+    # the encryption flag: the stored bytes would be ciphertext
+    enc = bytearray(_zip_of(zeros))
+    entry = enc.index(b"archive/data/0", enc.index(b"PK\x01\x02")) - 46
+    enc[entry + 8] |= 0x1
+    encrypted = tmp_path / "enc.pt"
+    encrypted.write_bytes(bytes(enc))
+    with pytest.raises(CheckpointError, match="encrypted"):
+        load_latents(encrypted)
+
+
+def test_safetensors_metadata_must_be_a_map_and_names_unique_unicode(tmp_path):
+    from guide_fast.checkpoints import read_safetensors
+
+    body = struct.pack("<4f", 1, 2, 3, 4)
+
+    def write(header_json: str, name: str):
+        h = header_json.encode()
+        p = tmp_path / name
+        p.write_bytes(struct.pack("<Q", len(h)) + h + body)
+        return p
+
+    entry = '{"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}'
+    tensors, meta = read_safetensors(write('{"w": %s, "__metadata__": {"a": "b"}}' % entry, "ok.safetensors"))
+    assert meta == {"a": "b"} and tensors["w"].tolist() == [1, 2, 3, 4]
+    for meta_json in ("[]", "0", '""', "false"):
+        with pytest.raises(CheckpointError, match="__metadata__ is not a map"):
+            read_safetensors(write('{"w": %s, "__metadata__": %s}' % (entry, meta_json), "m.safetensors"))
+    with pytest.raises(CheckpointError, match="occurs twice"):
+        read_safetensors(write('{"w": %s, "w": %s}' % (entry, entry), "dup.safetensors"))
+    with pytest.raises(CheckpointError, match="not valid Unicode"):
+        read_safetensors(write('{"w\\ud800": %s}' % entry, "sur.safetensors"))

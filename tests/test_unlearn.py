@@ -87,6 +87,8 @@ def test_ufo_target_formula():
         d = w_u[i] - w_avg
         want = w_avg - 30.0 * d / torch.sqrt((d ** 2).sum())  # Frobenius over all layers (docs/guide.md §3.4)
         torch.testing.assert_close(w_t[i], want)
+        # unlearn.py's own order, w_avg - w_id / w_id.norm(p=2) * target_d, to the last bit
+        assert torch.equal(w_t[i], w_avg - d / d.norm(p=2) * 30.0)
         assert torch.linalg.norm(w_t[i] - w_avg) == pytest.approx(30.0, rel=1e-5)
     torch.testing.assert_close(target_latent(w_u, w_avg, "average"), w_avg.expand(3, 8, 16))
     with pytest.raises(InputError, match="target mode"):

@@ -129,6 +129,11 @@ def _check_delta_tensors(delta, source: str) -> None:
         base, _, fix = name.partition(FIX)
         if not base.startswith(SYNTHESIS_PREFIX):
             raise CheckpointError(f"{source}: delta tensor {name!r} is outside backbone.synthesis")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            # NaN or inf in a weight difference makes a broken generator whose fingerprint the
+            # file can still name: refused here, whatever the metadata says
+            raise CheckpointError(f"{source}: delta tensor {name!r} holds {int((~torch.isfinite(t)).sum())} "
+                                  "non-finite value(s) (NaN or inf)")
         if not fix:
             if t.dtype != torch.float64:
                 raise CheckpointError(f"{source}: delta tensor {name!r} is {t.dtype}, expected float64")
@@ -189,6 +194,9 @@ def apply_delta(gen: "TriPlaneGenerator", delta: "Mapping[str, torch.Tensor]", m
         if idx is not None and idx.numel():
             exact = delta[name + FIX + ("result" if sign > 0 else "source")]
             value.view(-1)[idx] = exact.to(p.dtype)
+        if not bool(torch.isfinite(value).all()):  # e.g. a finite float64 difference beyond float32's range
+            raise CheckpointError(f"applying the delta makes {name!r} non-finite (NaN or inf); the generator is "
+                                  "left unchanged")
         new[name] = value
     old = {name: params[name].detach().clone() for name in new}
     with torch.no_grad():

@@ -177,15 +177,27 @@ def read_safetensors(path: "str | os.PathLike",
     (hlen,) = struct.unpack("<Q", data[:8])
     if hlen > min(MAX_SAFETENSORS_HEADER, len(data) - 8):
         bad(f"header length {hlen:,} exceeds the file ({len(data):,} bytes; truncated?)")
+    def unique_object(pairs):  # a name given twice: json keeps the last, other readers may not
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"the name {next(k for k in keys if keys.count(k) > 1)!r} occurs twice")
+        return dict(pairs)
+
     try:
-        header = json.loads(data[8:8 + hlen].decode("utf-8"))
+        header = json.loads(data[8:8 + hlen].decode("utf-8"), object_pairs_hook=unique_object)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSON, and ints of 4300+ digits
         bad(f"header is not JSON ({_first_line(exc)})")
     if not isinstance(header, dict):
         bad("header is not a JSON object")
-    meta = header.pop("__metadata__", None) or {}
+    meta = header.pop("__metadata__", None)
+    meta = {} if meta is None else meta
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         bad("__metadata__ is not a map of strings")
+    for text in [*header, *meta, *meta.values()]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a JSON escape of a lone surrogate: not text (the safetensors library refuses it)
+            bad(f"the name or metadata {text[:40]!r} is not valid Unicode")
     body = memoryview(data)[8 + hlen:]
     entries = []
     for name, info in header.items():
@@ -238,7 +250,9 @@ def read_tensor_file(path: "str | os.PathLike", what: str = "file") -> "torch.Te
     if suffix == ".safetensors":
         return dict(read_safetensors(path, what)[0])
     if suffix == ".npy":
-        return torch.from_numpy(np.array(read_npy_file(path, what)))
+        arr = np.asarray(read_npy_file(path, what))
+        # torch takes native byte order only: a big-endian array ('>f4') is converted, value for value
+        return torch.from_numpy(np.array(arr, dtype=arr.dtype.newbyteorder("=")))
     return read_torch_file(path, what)
 
 

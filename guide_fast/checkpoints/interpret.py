@@ -214,7 +214,7 @@ class Interpreter:
                 self.fail(where, "an embedded storage where none is expected")
             return self.embedded_storage(data, self, where)
         if func.module in ("numpy.core.multiarray", "numpy._core.multiarray") and func.name == "scalar":
-            return self._numpy_scalar(rec, where)
+            return self._numpy_scalar(rec, where, depth)
         if path == PERSISTENCE:
             return self._persistent(rec, where, depth)
         if func.module.startswith(STUB_MODULE_PREFIXES) and func.name.isidentifier() and rec.kind == "newobj":
@@ -316,7 +316,7 @@ class Interpreter:
             self.fail(where, "parameter with extra state")
         return data
 
-    def _numpy_scalar(self, rec: Call, where):
+    def _numpy_scalar(self, rec: Call, where, depth):
         if len(rec.args) != 2 or rec.states or rec.items:
             self.fail(where, "malformed numpy scalar")
         dt, raw = rec.args
@@ -334,8 +334,8 @@ class Interpreter:
             order = {">": ">"}.get(st[1], "<")
         if code not in NUMPY_CODES:
             self.fail(where, f"numpy scalar of dtype {code!r} (only numeric dtypes are accepted)")
-        if not isinstance(raw, memoryview):
-            raw = self.value(raw, where)
+        if not isinstance(raw, memoryview):  # protocol 2: _codecs.encode(text, 'latin1'), interpreted (depth counted)
+            raw = self.value(raw, where, depth)
         if not isinstance(raw, (memoryview, str)):
             self.fail(where, "numpy scalar without raw bytes")
         raw = bytes(raw) if isinstance(raw, memoryview) else raw.encode("latin1")

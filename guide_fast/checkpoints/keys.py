@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from ..errors import CheckpointError
+
 
 def _shape(v) -> tuple:
     return tuple(int(s) for s in (v.shape if hasattr(v, "shape") else v))
@@ -54,3 +56,20 @@ def describe_mismatch(state: Mapping, expected: Mapping, optional: "tuple[str, .
             more = f", ... ({len(items)} in all)" if len(items) > limit else ""
             parts.append(f"{len(items)} {kind}: " + ", ".join(items[:limit]) + more)
     return "; ".join(parts)
+
+
+def check_weight_values(state: Mapping, source, integer_suffixes: "tuple[str, ...]" = ("num_batches_tracked",)) -> None:
+    """CheckpointError naming `source` unless every tensor of a network's weights is floating point
+    (integers only under names ending in `integer_suffixes`, BatchNorm's counters) and finite:
+    names and shapes can be right while the values are NaN, inf or integers, which would make a
+    network that scores nothing (NaN embeddings) or a load that fails halfway."""
+    import torch
+
+    ints = [k for k, v in state.items() if torch.is_tensor(v) and not v.is_floating_point()
+            and not str(k).endswith(tuple(integer_suffixes))]
+    if ints:
+        raise CheckpointError(f"{source}: {len(ints)} weight tensor(s) are not floating point, e.g. "
+                              + ", ".join(f"{k} ({state[k].dtype})" for k in ints[:3]))
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{source}: non-finite values (NaN / inf) in {len(bad)} tensor(s), e.g. {bad[:3]}")

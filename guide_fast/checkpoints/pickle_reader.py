@@ -28,6 +28,7 @@ MAX_OBJECTS = 20_000_000    # absolute cap on objects made by one pickle
 MEMORY_FACTOR = 16
 MEMORY_SLACK = 64 << 20
 HASHABLE_DEPTH = 8
+HASHABLE_NODES = 256   # items in one key, shared ones counted each time (_hashable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,12 +73,22 @@ class PickleParseError(CheckpointError):
     """The byte stream is not a pickle this reader accepts; message names the offset."""
 
 
-def _hashable(value, depth: int = 0) -> bool:
-    if value is None or isinstance(value, (bool, int, float, str, bytes)):
-        return True
-    if isinstance(value, (tuple, frozenset)) and depth < HASHABLE_DEPTH:
-        return all(_hashable(v, depth + 1) for v in value)
-    return False
+def _hashable(value) -> bool:
+    """A dict key, set item or frozenset item the reader accepts: None, a number, text, bytes,
+    or tuples / frozensets of these, at most HASHABLE_DEPTH deep and HASHABLE_NODES items in
+    all, counted with repetition. The count matters: tuples shared through the memo make a key
+    whose tree is exponential in the pickle's size, and hash() walks that whole tree."""
+    todo = [(value, 0)]
+    nodes = 0
+    while todo:
+        v, depth = todo.pop()
+        nodes += 1
+        if v is None or isinstance(v, (bool, int, float, str, bytes)):
+            continue
+        if not isinstance(v, (tuple, frozenset)) or depth >= HASHABLE_DEPTH or nodes + len(v) > HASHABLE_NODES:
+            return False
+        todo.extend((x, depth + 1) for x in v)
+    return True
 
 
 def parse_pickle(data, start: int = 0, source: str = "<pickle>", max_objects: int | None = None):
@@ -176,7 +187,8 @@ def parse_pickle(data, start: int = 0, source: str = "<pickle>", max_objects: in
     def setitem(target, key, value):
         if isinstance(target, dict):
             if not _hashable(key):
-                fail(f"dictionary key of type {type(key).__name__} is not allowed")
+                fail(f"dictionary key of type {type(key).__name__} is not allowed (keys are None, numbers, "
+                     f"text, bytes, or tuples of them: at most {HASHABLE_DEPTH} deep, {HASHABLE_NODES} items)")
             target[key] = value
         elif isinstance(target, Call):
             target.items.append((key, value))

@@ -70,20 +70,38 @@ def _zip_members(data: memoryview, source: str) -> dict[str, memoryview]:
             NotImplementedError, OverflowError, KeyError, IndexError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{source}: not a readable torch zip archive (truncated or corrupt?): {exc}") from None
     out = {}
+    spans = []
     n = len(data)
     for info in infos:
+        if info.filename in out:  # readers disagree on which copy wins: torch.load and this one did
+            raise CheckpointError(f"{source}: zip member {info.filename!r} occurs twice")
         if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
             raise CheckpointError(f"{source}: zip member {info.filename!r} is compressed; torch.save writes "
                                   "stored members only")
+        if info.flag_bits & 0x1:
+            raise CheckpointError(f"{source}: zip member {info.filename!r} is marked encrypted; torch.save does not "
+                                  "encrypt")
         off = info.header_offset
         if off < 0 or off + 30 > n or bytes(data[off:off + 4]) != b"PK\x03\x04":
             raise CheckpointError(f"{source}: zip member {info.filename!r} has no valid local header")
-        name_len, extra_len = struct.unpack("<HH", data[off + 26:off + 30])
+        flags, method, csize, usize, name_len, extra_len = struct.unpack("<2xHH8xIIHH", data[off + 4:off + 30])
+        # the local header must describe the same member as the central directory, or the bytes
+        # read would be another member's (or the pickle's) under this member's name
+        name = info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
+        sizes_ok = (csize, usize) == (info.compress_size, info.file_size) or (flags & 0x8 and csize == usize == 0)
+        if bytes(data[off + 30:off + 30 + name_len]) != name or method != zipfile.ZIP_STORED or not sizes_ok:
+            raise CheckpointError(f"{source}: zip member {info.filename!r}: its local header does not match the "
+                                  "central directory (name, method or sizes)")
         start = off + 30 + name_len + extra_len
         if start + info.file_size > n:
             raise CheckpointError(f"{source}: zip member {info.filename!r} extends past the end of the file "
                                   "(truncated?)")
         out[info.filename] = data[start:start + info.file_size]
+        spans.append((off, start + info.file_size, info.filename))
+    spans.sort()
+    for (_, end, a), (nxt, _, b) in zip(spans, spans[1:]):
+        if nxt < end:
+            raise CheckpointError(f"{source}: zip members {a!r} and {b!r} overlap in the file")
     return out
 
 

@@ -61,7 +61,8 @@ def add_commands(sub) -> None:
     p.add_argument("--fid-method", choices=["auto", "sqrtm", "eigh", "gram"], default="auto",
                    help="tr sqrt(S1 S2): scipy sqrtm as GUIDE, eigh (faster), gram (exact, for <= 2048 samples); auto picks")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="renders in fp32 as GUIDE (default) or under bf16 autocast on CUDA (faster, not GUIDE's numerics)")
+                   help="renders and the IR-101 identity network in fp32 as GUIDE (default), or on CUDA the renders "
+                        "under bf16 autocast and IR-101 in bf16 (TensorRT: fp16): faster, not GUIDE's numerics")
     p.add_argument("--upsample-conv", choices=["reference", "folded"], default="reference",
                    help="2x up-convolutions: the official two passes (default) or the FIR folded into the kernel "
                         "(the same maths, rounding aside; faster on a GPU)")
@@ -92,10 +93,9 @@ def load_latents(path, what: str = "latent file", key=None):
 def _has_tensor(path: Path, key: str) -> bool:
     if not path.is_file():
         return False
-    from safetensors import safe_open
+    from ..checkpoints import read_safetensors
 
-    with safe_open(str(path), framework="pt") as f:
-        return key in f.keys()
+    return key in read_safetensors(path, "run latents")[0]  # the checked reader, as for every file
 
 
 def _load_generator(spec, renderer, device, what):
@@ -114,10 +114,9 @@ def _load_run(run_dir: Path, renderer, device, notes: list):
     The source named in report.json is checked against the delta's fingerprint of its source;
     when it cannot be found (or differs), the source is rebuilt as unlearned - delta, which is
     what the run started from, bit for bit."""
-    import json
-
     from ..checkpoints import apply_delta, load_delta, load_generator, state_fingerprint
     from ..errors import CheckpointError
+    from ..io import read_json_object
     from .generator import resolve_generator
 
     if run_dir.is_file():
@@ -127,10 +126,7 @@ def _load_run(run_dir: Path, renderer, device, notes: list):
     report_path = run_dir / "report.json"
     if not report_path.is_file():
         raise CheckpointError(f"{run_dir} is not a run directory: report.json is missing")
-    try:
-        report = json.loads(report_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{report_path}: not valid JSON ({exc})") from None
+    report = read_json_object(report_path, "run report")
     unlearned = load_generator(run_dir / "generator.safetensors", renderer=renderer, device=device)
     w_source = load_latents(run_dir / "latents.safetensors", "run latents")
     delta = meta = None
@@ -233,7 +229,8 @@ def _evaluate(args) -> int:
         from ..fid import build_inception
         from ..identity.backbones import build_backbone
 
-        scorer = make_scorer(build_backbone("ir101", seed=0), device, batch_size=max(batch_size, 32), backend=backend)
+        scorer = make_scorer(build_backbone("ir101", seed=0), device, batch_size=max(batch_size, 32), backend=backend,
+                             precision=args.precision)
         inception = build_inception(seed=0)
         notes.append("RANDOM-WEIGHT identity and Inception networks (--random-nets): a pipeline check; the "
                      "numbers mean nothing")
@@ -246,7 +243,8 @@ def _evaluate(args) -> int:
 
             if not Path(args.id_weights).is_file():
                 raise CheckpointError(f"identity weights not found: {args.id_weights}")
-            scorer = make_scorer(args.id_weights, device, batch_size=max(batch_size, 32), backend=backend)
+            scorer = make_scorer(args.id_weights, device, batch_size=max(batch_size, 32), backend=backend,
+                                 precision=args.precision)
         if args.inception_weights:
             from ..fid import load_inception
 

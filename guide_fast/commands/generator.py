@@ -30,16 +30,18 @@ def add_commands(sub) -> None:
 
 def _history(args) -> int:
     from ..checkpoints import checkpoint_history
+    from ..errors import printable
 
     info = checkpoint_history(args.checkpoint)
-    print(f"{args.checkpoint}: weights fingerprint {info['fingerprint']}")
+    # every string below comes from the file: printed escaped, one line per step
+    print(printable(f"{args.checkpoint}: weights fingerprint {info['fingerprint']}"))
     if info.get("source_sha256"):
-        print(f"  original checkpoint sha256 {info['source_sha256']}")
+        print(printable(f"  original checkpoint sha256 {info['source_sha256']}"))
     for i, step in enumerate(info["history"]):
         extra = ", ".join(f"{k}={v}" for k, v in step.items() if k not in ("action", "parent", "result", "source_sha256"))
         parent = step.get("parent")
         arrow = f"{parent[:16]} -> {step['result'][:16]}" if parent else f"{step['result'][:16]}"
-        print(f"  {i}. {step.get('action', '?')}: {arrow}" + (f" ({extra})" if extra else ""))
+        print(printable(f"  {i}. {step.get('action', '?')}: {arrow}" + (f" ({extra})" if extra else "")))
     return 0
 
 

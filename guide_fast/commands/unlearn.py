@@ -294,7 +294,7 @@ def load_latents(path, gen):
         w = w[None, None].expand(1, gen.num_ws, -1)
     elif w.ndim == 2 and w.shape[0] != gen.num_ws:
         w = w[:, None].expand(-1, gen.num_ws, -1)
-    return w.contiguous()
+    return gen.as_latents(w.contiguous(), f"--latent file {path}")  # shape and values, the file named
 
 
 def build_loss_networks(args, device, random_nets: bool):
@@ -501,7 +501,7 @@ def _demo_out(args):
         return out, args.overwrite
     try:
         earlier_demo = "demo" in json.loads((out / "report.json").read_text())
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, RecursionError):
         earlier_demo = False
     return out, earlier_demo
 

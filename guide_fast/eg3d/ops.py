@@ -31,7 +31,14 @@ def bias_act(
 
     `lrelu` is leaky ReLU with slope 0.2 and a default gain of sqrt(2); `linear` has gain 1
     (docs/eg3d.md §2.1, §3.2).
+
+    fp16 input is computed in fp32 and rounded to fp16 once, as the official CUDA plugin does
+    for EG3D's fp16 super-resolution blocks (docs/eg3d.md §8.2); rounding after each of the
+    four operations would differ by an ulp on about a third of the activations.
     """
+    if x.dtype == torch.float16:
+        y = bias_act(x.float(), None if b is None else b.float(), act=act, gain=gain, clamp=clamp)
+        return y.to(torch.float16)
     if b is not None:
         shape = [1] * x.ndim
         shape[1] = -1
@@ -207,6 +214,9 @@ def modulated_conv2d(
     if not fused_modconv:
         x = x * styles.to(x.dtype).reshape(batch, -1, 1, 1)
         x = conv2d_resample(x, weight.to(x.dtype), resample_filter, up=up, padding=padding, fold_filter=fold_filter)
+        if demodulate and noise is not None:
+            # the official code's fma: one addcmul, rounded once (in fp16 too), and one pass
+            return torch.addcmul(noise.to(x.dtype), x, dcoefs.to(x.dtype).reshape(batch, -1, 1, 1))
         if demodulate:
             x = x * dcoefs.to(x.dtype).reshape(batch, -1, 1, 1)
         if noise is not None:

@@ -47,7 +47,9 @@ class EvalConfig:
         None: the generators' own renderer, in `precision` on `device`.
     precision: with plan None, "fp32" (GUIDE's numerics: fp32 generator, its SR in fp16 on CUDA as
         the official code) or "bf16" (autocast on CUDA: faster, not GUIDE's numerics; the
-        identity and Inception networks are unaffected).
+        Inception network is unaffected). The plan's precision also chooses how an identity
+        network given as a path runs (evaluation.make_scorer): fp32 as GUIDE's id_sim.py, or
+        bf16 / TensorRT fp16 on CUDA; a scorer passed in ready-made runs as it was built.
     device: where to run (default: the plan's device, else the source generator's).
     verbose: progress lines on stdout.
     """

@@ -42,26 +42,36 @@ def sync(device) -> None:
 
 
 # ------------------------------------------------------------------------ identity networks
-def fastest_identity_backend(device: "torch.device | str") -> str:
-    """The fastest IdentityScorer backend usable here: TensorRT on CUDA when it works, else torch
-    (bf16 + CUDA graph); on a CPU onnxruntime when installed (faster than eager torch for the IR
-    nets), else torch."""
+def fastest_identity_backend(device: "torch.device | str", precision: str = "bf16") -> str:
+    """The fastest IdentityScorer backend usable here at `precision`.
+
+    On CUDA: for "bf16", TensorRT (an fp16 engine) when it works, else torch (bf16 + CUDA graph);
+    for "fp32", torch in fp32 (GUIDE's numerics; TensorRT builds fp16 engines only). On a CPU
+    onnxruntime when installed (faster than eager torch for the IR nets), else torch; both fp32."""
     from ..identity.scorer import available_backends
 
+    if precision not in ("fp32", "bf16"):
+        raise InputError(f"identity precision must be 'fp32' or 'bf16', got {precision!r}")
     usable = available_backends()
     if torch.device(device).type == "cuda":
-        return "tensorrt" if "tensorrt" in usable else "torch"
+        return "tensorrt" if (precision == "bf16" and "tensorrt" in usable) else "torch"
     return "onnxruntime" if "onnxruntime" in usable else "torch"
 
 
 def make_scorer(weights: "str | os.PathLike | torch.nn.Module", device: "torch.device | str", batch_size: int = 64,
-                backend: str | None = None) -> "IdentityScorer":
+                backend: str | None = None, precision: str = "fp32") -> "IdentityScorer":
     """An IdentityScorer for the evaluation network (CurricularFace IR-101) from a weight file,
-    an exported .onnx, or a backbone module, on the fastest backend available unless one is named."""
+    an exported .onnx, or a backbone module, on the fastest backend available unless one is named.
+
+    precision "fp32" (the default) runs the network as GUIDE's id_sim.py does, in fp32, so that
+    ID, ID_others and preservation are comparable with the paper's; "bf16" lets it run in bf16
+    (torch, CUDA graph) or fp16 (TensorRT) on CUDA, faster but not GUIDE's numerics (docs/guide.md §4).
+    On a CPU the network runs in fp32 either way."""
     from ..identity.scorer import IdentityScorer
 
-    backend = backend or fastest_identity_backend(device)
-    return IdentityScorer(weights, backend=backend, device=device, batch_size=batch_size)
+    backend = backend or fastest_identity_backend(device, precision)
+    torch_precision = "fp32" if precision == "fp32" else "auto"  # "auto": bf16 on CUDA, fp32 on a CPU
+    return IdentityScorer(weights, backend=backend, device=device, batch_size=batch_size, precision=torch_precision)
 
 
 class FaceEmbedder:

@@ -2,6 +2,7 @@
 the before/after view grid), each written atomically."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -91,17 +92,24 @@ def _plot_id_per_view(result: dict, path: Path) -> str:
 def _plot_losses(losses: list, path: Path) -> str | None:
     import matplotlib.pyplot as plt
 
+    def number(v) -> bool:  # the report is a file: plot only finite numbers from it
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
     series: dict[str, list] = {}
+    if not isinstance(losses, list):
+        return None
     for step, entry in enumerate(losses):
         if not isinstance(entry, dict):
             continue
+        x = entry.get("step", step)
+        x = x if number(x) else step
         for key, value in entry.items():
             if key in ("step", "iteration", "time", "time_s"):
                 continue
-            if isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, float)) for v in value):
+            if isinstance(value, (list, tuple)) and value and all(number(v) for v in value):
                 value = float(np.mean(value))  # per-identity values of a many-identity run
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                series.setdefault(key, []).append((entry.get("step", step), float(value)))
+            if number(value):
+                series.setdefault(str(key), []).append((x, float(value)))
     if not series:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))

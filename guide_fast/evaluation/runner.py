@@ -94,7 +94,7 @@ def evaluate(source: "TriPlaneGenerator", unlearned: "TriPlaneGenerator", *, w_s
     others = _as_latents("others", others, source, device)
     real = read_real_features(real_features)
     if isinstance(scorer, (str, Path)):
-        scorer = make_scorer(scorer, device, batch_size=max(cfg.batch_size, 32))
+        scorer = make_scorer(scorer, device, batch_size=max(cfg.batch_size, 32), precision=plan.precision)
     if isinstance(inception, (str, Path)):
         from ..fid import load_inception
 
@@ -207,6 +207,7 @@ def _settings(cfg: EvalConfig, camera: EvalCamera, plan, source, scorer) -> dict
         "view_yaws": [float(v) for v in camera.view_yaws()], "device": str(plan.device),
         "renderer": getattr(source, "renderer_backend", None), "png_quantisation": True,
         "identity_backend": getattr(scorer, "backend", None) if scorer is not None else None,
+        "identity_precision": getattr(scorer, "precision", None) if scorer is not None else None,
         "fid_method": cfg.fid_method, "precision": plan.precision, "plan": plan.to_dict(),
     }
 
@@ -226,7 +227,8 @@ def _diversity_runs(diversity_generators, source, plan, cfg):
 def _note_missing_faces(notes: list, what: str, scores: dict) -> None:
     if scores["pairs_scored"] < scores["pairs"]:
         notes.append(f"{what}: a face was found in both renders of {scores['pairs_scored']} of {scores['pairs']} "
-                     "pairs; the others are left out of the mean (as pSp/GUIDE's ID evaluation skips them)")
+                     "pairs; the others are left out of the mean (as pSp's ID evaluation does; GUIDE's evaluate_id.py "
+                     "stops with an error when its MTCNN finds no face)")
 
 
 def _as_latents(name: str, w, gen, device) -> torch.Tensor | None:
@@ -242,15 +244,16 @@ def _as_latents(name: str, w, gen, device) -> torch.Tensor | None:
 def _load_report(run_report) -> dict | None:
     if run_report is None or isinstance(run_report, dict):
         return run_report
+    from ..io import read_json_object
+
+    if not isinstance(run_report, (str, os.PathLike)):
+        raise InputError(f"run_report must be a dict, a path or None, got {type(run_report).__name__}")
     path = Path(run_report)
     if path.is_dir():
         path = path / "report.json"
     if not path.is_file():
         raise InputError(f"run report not found: {path}")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read run report {path}: {exc}") from exc
+    return read_json_object(path, "run report")
 
 
 __all__ = ["evaluate"]

@@ -47,22 +47,38 @@ class EvalCamera:
     fov_degrees: float = cameras.GUIDE_FOV_DEGREES
     lookat: tuple = cameras.GUIDE_LOOKAT
 
+    def __post_init__(self):
+        cameras.check_camera(radius=self.radius, fov_degrees=self.fov_degrees, yaw_range=self.yaw_range,
+                             pitch=self.pitch, lookat=tuple(self.lookat))
+
     @classmethod
     def from_config(cls, config: dict | None) -> "EvalCamera":
         """Take the camera fields of an UnlearnConfig (as a dict) so that evaluation renders the
         views the run trained on; absent fields keep GUIDE's defaults."""
-        config = config or {}
-        kw = {k: float(config[k]) for k in ("yaw_range", "pitch", "radius", "fov_degrees") if config.get(k) is not None}
+        config = {} if config is None else config
+        if not isinstance(config, dict):
+            raise InputError(f"the run's config is a {type(config).__name__}, expected an object of UnlearnConfig fields")
+
+        def number(name, v):  # from a report file: anything may be there
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise InputError(f"the run's config field {name!r} is {str(v)[:40]!r}; expected a finite number")
+            return float(v)
+
+        kw = {k: number(k, config[k]) for k in ("yaw_range", "pitch", "radius", "fov_degrees") if config.get(k) is not None}
         if config.get("lookat") is not None:
-            kw["lookat"] = tuple(float(v) for v in config["lookat"])
+            look = config["lookat"]
+            if not isinstance(look, (list, tuple)) or len(look) != 3:
+                raise InputError(f"the run's config field 'lookat' is {str(look)[:40]!r}; expected 3 numbers")
+            kw["lookat"] = tuple(number("lookat", v) for v in look)
         return cls(**kw)
 
     def view_yaws(self) -> torch.Tensor:
-        """The 11 ID views' yaws (float32; equal to torch.linspace of the same range)."""
-        return torch.tensor(view_yaws(self.yaw_range, NUM_ID_VIEWS), dtype=torch.float32)
+        """The 11 ID views' yaws: np.linspace's float64 values, as GUIDE passes them on."""
+        return torch.tensor(view_yaws(self.yaw_range, NUM_ID_VIEWS), dtype=torch.float64)
 
     def labels(self, yaws: "torch.Tensor | np.ndarray | Sequence[float]", device: "torch.device | str") -> torch.Tensor:
-        return cameras.pose_label(torch.as_tensor(yaws, dtype=torch.float32), self.pitch, fov_degrees=self.fov_degrees,
+        # float64 yaws: pose_label adds pi/2 before rounding to float32, as the official scripts
+        return cameras.pose_label(torch.as_tensor(yaws, dtype=torch.float64), self.pitch, fov_degrees=self.fov_degrees,
                                   lookat=self.lookat, radius=self.radius).to(device)
 
     def conditioning(self, batch: int, device: "torch.device | str") -> torch.Tensor:

@@ -230,6 +230,9 @@ def load_backbone(path: "str | os.PathLike", device: "torch.device | str | None"
         )
     if kind is not None and kind != found:
         raise CheckpointError(f"{path}: holds {DESCRIPTIONS[found]}, expected {DESCRIPTIONS.get(kind, kind)}")
+    from ..checkpoints.keys import check_weight_values
+
+    check_weight_values(state, path)  # right names and shapes, but NaN or integer values: refused here
     # Every key was checked above; old files may lack num_batches_tracked (§0), which has no
     # effect in eval mode: fill it with 0 so that the load below is complete and strict.
     full = OrderedDict()

@@ -86,6 +86,8 @@ def to_rgb_uint8(image: "ImageLike", name: str = "image") -> np.ndarray:
             image = image.convert("RGBA").convert("RGB")  # drop alpha (no compositing)
         elif image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
             arr = np.asarray(image).astype(np.float64)
+            if not np.isfinite(arr).all():  # a float TIFF can hold NaN / inf: no pixel value to make of them
+                raise InputError(f"{name}: a {image.mode}-mode image with non-finite pixel values (NaN or inf)")
             hi = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
             arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
             return np.ascontiguousarray(np.repeat(arr[..., None], 3, axis=-1))
@@ -95,6 +97,9 @@ def to_rgb_uint8(image: "ImageLike", name: str = "image") -> np.ndarray:
             raise InputError(f"{name}: tensor of shape {list(image.shape)}, expected [3, H, W] in [-1, 1]")
         if image.dtype == torch.uint8:
             arr = image.permute(1, 2, 0).cpu().numpy()
+        elif not image.is_floating_point() or not bool(torch.isfinite(image).all()):
+            raise InputError(f"{name}: tensor of dtype {image.dtype} with non-finite values or not floating point; "
+                             "expected uint8 or floats in [-1, 1]")
         else:
             arr = renders_to_uint8(image.expand(3, -1, -1))[0]
         return np.ascontiguousarray(np.repeat(arr, 3, axis=-1) if arr.shape[-1] == 1 else arr)

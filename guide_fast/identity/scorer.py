@@ -222,7 +222,9 @@ class IdentityScorer:
 
         if backend == "torch":
             self._runner = _TorchRunner(backbone, self.device, precision, cuda_graph)
+            self.precision = self._runner.precision
             return
+        self.precision = "fp16" if backend == "tensorrt" else "fp32"  # what the network computes in
         if onnx_file is None:
             onnx_file = self._export(backbone, onnx_path)
         else:

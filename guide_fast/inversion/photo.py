@@ -43,6 +43,8 @@ def load_photo(source: "PhotoSource", name: str | None = None) -> tuple[np.ndarr
             raise InputError(f"{label}: photo not found")
         if path.is_dir():
             raise InputError(f"{label}: is a folder, expected an image file")
+        if not path.is_file():  # a FIFO, socket or device: reading it could block forever
+            raise InputError(f"{label}: not a regular file (a pipe, socket or device?), expected an image file")
         from PIL import Image, ImageOps
 
         try:

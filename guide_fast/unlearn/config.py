@@ -147,6 +147,10 @@ class UnlearnConfig:
             raise InputError("at least one of use_local, use_adjacency, use_global must be on")
         if len(self.lookat) != 3:
             raise InputError(f"lookat must be 3 numbers, got {self.lookat}")
+        from ..cameras import check_camera
+
+        check_camera(radius=self.radius, fov_degrees=self.fov_degrees, yaw_range=self.yaw_range, pitch=self.pitch,
+                     lookat=self.lookat)
         if self.identities_per_pass < 0:
             raise InputError("identities_per_pass must be >= 0 (0 = all identities in one pass)")
         if self.eval_views < 1:

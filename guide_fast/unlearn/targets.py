@@ -28,7 +28,7 @@ def target_latent(w_source: torch.Tensor, w_avg: torch.Tensor, mode: str = "extr
     norm = frobenius(w_id)
     if bool((norm == 0).any()):
         raise InputError("w_source equals w_avg for some identity: the UFO direction is undefined")
-    return w_avg - distance * w_id / norm
+    return w_avg - w_id / norm * distance  # the official order of operations (unlearn.py), for equal rounding
 
 
 def adjacency_offsets(w_random: torch.Tensor, w_source: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,7 @@ def render_views(gen: "TriPlaneGenerator", ws: torch.Tensor, cfg: UnlearnConfig,
     from ..render import make_render_draws
 
     device = ws.device
-    yaws = torch.tensor(view_yaws(cfg) if yaws is None else list(yaws), dtype=torch.float32)
+    yaws = torch.tensor(view_yaws(cfg) if yaws is None else list(yaws), dtype=torch.float64)
     cams = cameras.pose_label(yaws, cfg.pitch, fov_degrees=cfg.fov_degrees, lookat=cfg.lookat, radius=cfg.radius).to(device)
     rays = gen.neural_rendering_resolution ** 2
     out = []
