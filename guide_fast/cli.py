@@ -3,8 +3,11 @@ heavy imports happen inside the handlers so `guide-fast --help` stays fast."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
+import threading
 
 from .errors import GuideFastError, printable
 
@@ -28,16 +31,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `kill`, `timeout`, docker and batch schedulers send), raised where the
+    process is, like Ctrl-C: every `finally` runs, so staged output is removed, not left behind."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """SIGTERM raises Terminated for the duration of a command, where its default would kill the
+    process on the spot with a half-written stage on disk. Only from the main thread, and only
+    over the default handler: a service embedding guide-fast keeps its own."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv=None) -> int:
     """Run the command; returns the exit code: 0 done, 1 `weights` found an invalid file, 2 bad
-    input (one line on stderr, and no output written), 130 interrupted. Usage errors from argparse return its code (2) too."""
+    input (one line on stderr, and no output written), 130 interrupted (Ctrl-C), 143 terminated
+    (SIGTERM). Usage errors from argparse return its code (2) too."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     try:
-        return int(args.func(args) or 0)
+        with _sigterm_unwinds():
+            return int(args.func(args) or 0)
     except GuideFastError as exc:
         print(f"guide-fast {args.command}: error: {printable(exc)}", file=sys.stderr)
         return 2
@@ -45,6 +74,9 @@ def main(argv=None) -> int:
         where = f" {exc.filename}" if exc.filename else ""
         print(f"guide-fast {args.command}: error:{printable(where)} {printable(exc.strerror or exc)}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"guide-fast {args.command}: terminated (SIGTERM); no partial output was kept", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"guide-fast {args.command}: interrupted; no partial output was kept", file=sys.stderr)
         return 130

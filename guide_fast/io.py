@@ -231,6 +231,31 @@ def _other_filesystem(folder: Path) -> bool:
         return False
 
 
+def check_inputs_outside(out_dir, inputs, flag: str = "--out") -> None:
+    """InputError when an input file or folder is `out_dir` itself or lies inside it: the output
+    folder is replaced as a whole (staged_folder), so --overwrite would delete the command's own
+    inputs (a folder of photos, the generator checkpoint) along with the earlier run.
+    inputs: (flag, path) pairs; None paths are skipped."""
+    out = Path(out_dir).resolve()
+    for in_flag, path in inputs:
+        if path is None or not Path(path).exists():
+            continue
+        p = Path(path).resolve()
+        if p == out or out in p.parents:
+            raise InputError(f"{flag} {out_dir} holds the input {in_flag} {path}: the output folder is replaced "
+                             f"as a whole, which would delete it; choose another {flag}")
+
+
+def _missing_parents(folder: Path) -> list[Path]:
+    """The folders `mkdir(parents=True)` would create for `folder`, outermost first."""
+    missing = []
+    for p in (folder, *folder.parents):
+        if p.exists():
+            break
+        missing.append(p)
+    return missing[::-1]
+
+
 @contextlib.contextmanager
 def staged_folder(out_dir, *, overwrite: bool = False, flag: str | None = None, replace=None):
     """Yield an empty staging folder; when the block succeeds its files become `out_dir`.
@@ -241,34 +266,53 @@ def staged_folder(out_dir, *, overwrite: bool = False, flag: str | None = None, 
     (rename across file systems fails with EXDEV) the stage is made inside out_dir instead and
     its files moved in one by one (report.json last). replace=[names]: only those names of an
     existing out_dir are replaced (the evaluation files of a run folder); the stage is inside out_dir.
-    On any exception the stage is removed and out_dir keeps what it had.
+    On any exception the stage is removed and out_dir keeps what it had; folders this call
+    created for out_dir (it and missing parents) are removed again, so a failed or interrupted
+    run leaves the file system as it found it.
     """
     out_dir = Path(out_dir)
     clean_stale_stages(out_dir)
     if replace is None:
         check_output_path(out_dir, "folder", flag, overwrite=overwrite)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        inside = (replace is not None or _other_filesystem(out_dir) or _probe(out_dir.parent) is not None)
-        stage = Path(tempfile.mkdtemp(prefix=_stage_prefix(out_dir, "partial"), dir=out_dir if inside else out_dir.parent))
-    except OSError as exc:
-        raise _cannot_write(flag, out_dir, exc) from None
+    created = _missing_parents(out_dir.absolute())
+    done = False
     try:
         try:
-            yield stage
+            out_dir.mkdir(parents=True, exist_ok=True)
+            inside = (replace is not None or _other_filesystem(out_dir) or _probe(out_dir.parent) is not None)
+            stage = Path(tempfile.mkdtemp(prefix=_stage_prefix(out_dir, "partial"),
+                                          dir=out_dir if inside else out_dir.parent))
         except OSError as exc:
-            raise write_error(out_dir, exc) from None
-        except Exception as exc:
-            if type(exc).__name__ == "SafetensorError":  # the safetensors writer's own (disk full, ...)
+            raise _cannot_write(flag, out_dir, exc) from None
+        try:
+            try:
+                yield stage
+            except OSError as exc:
                 raise write_error(out_dir, exc) from None
-            raise
-        _normalise_modes(stage)
-        if inside:
-            _commit_inside(stage, out_dir, flag, replace)
-        else:
-            _commit_beside(stage, out_dir, flag)
+            except InputError as exc:  # a writer's message names its file in the stage: name the output
+                text = str(exc)
+                if str(stage) in text:
+                    raise InputError(text.replace(str(stage), str(out_dir))) from None
+                raise
+            except Exception as exc:
+                if type(exc).__name__ == "SafetensorError":  # the safetensors writer's own (disk full, ...)
+                    raise write_error(out_dir, exc) from None
+                raise
+            _normalise_modes(stage)
+            if inside:
+                _commit_inside(stage, out_dir, flag, replace)
+            else:
+                _commit_beside(stage, out_dir, flag)
+            done = True
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        if not done:
+            for folder in reversed(created):  # innermost first; a folder someone filled meanwhile stays
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
 
 
 def _stage_prefix(out_dir: Path, kind: str) -> str:

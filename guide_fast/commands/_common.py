@@ -105,6 +105,10 @@ def resolve_plan(device: "torch.device", *, renderer: str = "auto", precision: s
     return ExecutionPlan.resolve(device, renderer=renderer, precision=precision, **choices)
 
 
-def check_positive(value: "int | float | None", flag: str, minimum: int = 1) -> None:
+def check_positive(value: "int | float | None", flag: str, minimum: int = 1, maximum: "int | None" = None) -> None:
+    """`flag` in [minimum, maximum]: the bound keeps a typo (1e12 steps, samples or views) from a
+    run that allocates terabytes or never ends, and names the flag rather than a config field."""
     if value is not None and value < minimum:
         raise InputError(f"{flag} must be >= {minimum}, got {value}")
+    if value is not None and maximum is not None and value > maximum:
+        raise InputError(f"{flag} must be <= {maximum:,}, got {value:,}")

@@ -170,10 +170,14 @@ def _evaluate(args) -> int:
     check_renderer(args.skip_path, device, "--skip-path")  # the same rule: triton needs CUDA
     check_precision(args.precision, device)
     check_positive(args.batch_size, "--batch-size")
+    from ..evaluation.config import MAX_FID_SAMPLES, MAX_PRESERVE_SAMPLES
+
     if args.samples < 0 or args.samples == 1:
         raise InputError(f"--samples must be 0 (skip FID_pre) or >= 2 (a covariance needs 2 samples), got {args.samples}")
+    check_positive(args.samples, "--samples", minimum=0, maximum=MAX_FID_SAMPLES)
     if args.preserve < 0:
         raise InputError(f"--preserve must be >= 0 (0 skips preservation), got {args.preserve}")
+    check_positive(args.preserve, "--preserve", minimum=0, maximum=MAX_PRESERVE_SAMPLES)
     if args.run and (args.unlearned or args.latent):
         raise InputError("give either --run DIR or --unlearned/--latent, not both")
     if args.detector is not None and (args.align or ("crop" if args.random_nets else "mtcnn")) == "crop":
@@ -191,6 +195,13 @@ def _evaluate(args) -> int:
             check_output_path(out, "folder", "--out" if args.out else "--run", keep_contents=True)
     else:
         check_output_path(out, "folder", "--out", overwrite=args.overwrite)
+        from ..io import check_inputs_outside
+
+        check_inputs_outside(out, [("--run", args.run), ("--source", args.source), ("--unlearned", args.unlearned),
+                                   ("--latent", args.latent), ("--others", args.others),
+                                   ("--id-weights", args.id_weights), ("--inception-weights", args.inception_weights),
+                                   ("--real-features", args.real_features)]
+                             + [("--diversity-run", d) for d in args.diversity_run])
     from ..plan import ExecutionPlan
 
     # the renders' execution: the chosen renderer, fp32 (GUIDE's numerics) unless --precision bf16;

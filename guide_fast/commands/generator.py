@@ -63,7 +63,7 @@ def resolve_generator(spec: str, renderer: str = "reference", device=None, seed:
     from ..checkpoints import load_generator
     from ..eg3d.generator import PRESETS, build_generator
 
-    if spec in PRESETS and not Path(spec).exists():
+    if spec in PRESETS and not Path(spec).is_file():  # a folder that happens to be called "tiny" is no checkpoint
         return build_generator(spec, seed=seed, renderer=renderer, device=device), True
     return load_generator(spec, renderer=renderer, device=device), False
 
@@ -86,6 +86,9 @@ def render_grid(gen, ws, yaws, pitch: float = -0.2, lookat=None, generator=None)
     return np.concatenate(rows, axis=0)
 
 
+MAX_GRID_RENDERS = 1024  # renders in one `render` grid: at 512 px, 0.8 GB of image
+
+
 def _render(args) -> int:
     import torch
 
@@ -100,6 +103,10 @@ def _render(args) -> int:
         raise InputError("--seeds: need at least one seed")
     if args.views < 1:
         raise InputError(f"--views must be >= 1, got {args.views}")
+    # one grid image holds seeds x views renders: bounded so that a typo cannot ask for gigabytes
+    if len(seeds) * args.views > MAX_GRID_RENDERS:
+        raise InputError(f"--seeds x --views = {len(seeds)} x {args.views:,} renders; one grid holds at most "
+                         f"{MAX_GRID_RENDERS} (render several grids instead)")
     check_output_path(args.out, "file", "--out", image=True)
     device = resolve_device(args.device)
     check_renderer(args.renderer, device)

@@ -119,6 +119,16 @@ def _weights(args) -> int:
         check_output_path(args.json, "file", "--json")
 
     statuses = check_dir(args.dir, use_fallbacks=not args.no_fallbacks)
+    if args.json:  # the report must not replace one of the weight files it describes
+        from pathlib import Path
+
+        from ..errors import InputError
+
+        target = Path(args.json).resolve()
+        for s in statuses:
+            if s.path is not None and Path(s.path).resolve() == target:
+                raise InputError(f"--json {args.json} is the {s.name} weight file this check found; "
+                                 "write the report elsewhere")
     print(format_report(statuses))
     counts = {}
     for s in statuses:

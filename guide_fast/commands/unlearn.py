@@ -126,7 +126,9 @@ def check_unlearn_flags(args, device) -> None:
     messages name UnlearnConfig fields)."""
     from ..errors import InputError
 
-    check_positive(args.iters, "--iters")
+    from ..unlearn.config import MAX_ITERATIONS
+
+    check_positive(args.iters, "--iters", maximum=MAX_ITERATIONS)
     if not args.lr > 0 or args.lr == float("inf"):
         raise InputError(f"--lr must be a positive number, got {args.lr}")
     # checked even in one process: a typo is refused the same way whether or not torchrun launched the run
@@ -158,8 +160,23 @@ def check_unlearn_flags(args, device) -> None:
 def check_inversion_flags(args) -> None:
     """The photo-inversion flags against each other (before anything is read or built)."""
     from ..errors import InputError
+    from ..unlearn.config import MAX_ITERATIONS
 
     photos_given = args.image is not None or bool(args.others)
+    if not photos_given:  # photo-only flags with --seed / --latent would be silently ignored
+        unused = [flag for flag, on in (("--invert-steps", args.invert_steps is not None),
+                                        ("--face-index", args.face_index is not None), ("--strict", args.strict),
+                                        ("--refine-camera", args.refine_camera), ("--pre-aligned", args.pre_aligned))
+                  if on]
+        if unused:
+            raise InputError(f"{', '.join(unused)} {'applies' if len(unused) == 1 else 'apply'} to photos; "
+                             "give --image (and/or --others), or drop "
+                             f"{'it' if len(unused) == 1 else 'them'}")
+    if args.pre_aligned:
+        for flag, on in (("--face-index", args.face_index is not None), ("--strict", args.strict)):
+            if on:
+                raise InputError(f"{flag} chooses among the faces MTCNN finds; --pre-aligned photos are not "
+                                 "detected: drop one of the two")
     if args.encoder is None:
         for flag, value in (("--refine-steps", args.refine_steps), ("--encoder-mode", args.encoder_mode)):
             if value is not None:
@@ -171,15 +188,14 @@ def check_inversion_flags(args) -> None:
         if args.invert_steps is not None:
             raise InputError("with --encoder the optimisation only refines the GOAE latent: use --refine-steps N "
                              "instead of --invert-steps")
-        if args.refine_steps is not None and args.refine_steps < 0:
-            raise InputError(f"--refine-steps must be >= 0, got {args.refine_steps}")
+        check_positive(args.refine_steps, "--refine-steps", minimum=0, maximum=MAX_ITERATIONS)
         _check_not_one_step(args.refine_steps, "--refine-steps", "leaves the GOAE latent unchanged")
         if args.refine_camera and not args.refine_steps:
             raise InputError("--refine-camera learns the camera during the optimisation: with --encoder give "
                              "--refine-steps N (N > 0) as well")
         _check_file_flag(args.encoder, "--encoder")
     if args.invert_steps is not None:
-        check_positive(args.invert_steps, "--invert-steps")
+        check_positive(args.invert_steps, "--invert-steps", maximum=MAX_ITERATIONS)
         _check_not_one_step(args.invert_steps, "--invert-steps", "returns w_avg itself")
     if args.target_index is not None:
         if args.image is None:
@@ -190,9 +206,9 @@ def check_inversion_flags(args) -> None:
         _check_file_flag(args.w_avg, "--w-avg")
 
 
-def _check_distinct_photos(sources) -> None:
+def _check_distinct_photos(sources, others=()) -> None:
     """The same file twice among --image (two paths, or a file and its folder) would be forgotten
-    twice, or be both the person to forget and one of the w_others photos."""
+    twice, or be both the person to forget and one of the w_others photos (also from --others)."""
     from ..errors import InputError
 
     seen = {}
@@ -203,6 +219,11 @@ def _check_distinct_photos(sources) -> None:
                              f"{'' if str(seen[key]) == str(src) else f' (also as {seen[key]})'}; "
                              "list each photo once")
         seen[key] = src
+    for other in others:
+        key = Path(other).resolve()
+        if key in seen:
+            raise InputError(f"--others: {other} is also an --image photo ({seen[key]}); a photo of the person to "
+                             "forget cannot also be one of the held-out photos that measure ID_others")
 
 
 def _check_not_one_step(steps, flag: str, effect: str) -> None:
@@ -316,7 +337,8 @@ def build_loss_networks(args, device, random_nets: bool):
 def _unlearn(args) -> int:
     import torch
 
-    from ..io import check_output_path
+    from ..errors import InputError
+    from ..io import check_inputs_outside, check_output_path
     from ..unlearn.config import UnlearnConfig
     from ..unlearn.engine import Unlearner
     from .generator import resolve_generator
@@ -329,13 +351,24 @@ def _unlearn(args) -> int:
     # the output folder is checked before any work (it is written only at the very end)
     if is_main:
         check_output_path(args.out, "folder", "--out", overwrite=args.overwrite)
+        check_inputs_outside(args.out, [("--image", p) for p in args.image or []] + [
+            ("--others", args.others), ("--generator", args.generator), ("--latent", args.latent),
+            ("--w-avg", args.w_avg), ("--encoder", args.encoder), ("--id-weights", args.id_weights),
+            ("--lpips-weights", args.lpips_weights), ("--lpips-heads", args.lpips_heads),
+            ("--scorer-weights", args.scorer_weights)])
+    if args.random_nets:
+        given = [flag for flag, v in (("--id-weights", args.id_weights), ("--lpips-weights", args.lpips_weights),
+                                      ("--lpips-heads", args.lpips_heads)) if v]
+        if given:
+            raise InputError(f"--random-nets replaces {', '.join(given)}: give one or the other")
     photos, other_photos, others, target_index = None, None, None, None
     if args.image is not None and is_main:
-        from ..inversion import expand_photo_sources, prepare_photos
+        from ..inversion import expand_photo_sources, list_photos, prepare_photos
 
         # Photos are read and aligned before any network is built: a bad photo fails in seconds.
         sources = expand_photo_sources(args.image)
-        _check_distinct_photos(sources)
+        # --others too: one photo both forgotten and kept as w_others would score against itself
+        _check_distinct_photos(sources, list_photos(args.others) if args.others else [])
         photos = prepare_photos(sources, align=not args.pre_aligned, index=args.face_index,
                                 strict=args.strict, device=device)
         target_index = _target_index(args, len(photos))
@@ -423,13 +456,12 @@ def _demo(args) -> int:
     from ..eg3d.generator import build_generator
     from ..identity import IdentityLoss, IdentityScorer, build_backbone
     from ..perceptual import LPIPS
-    from ..unlearn.config import UnlearnConfig
+    from ..io import check_output_path
+    from ..unlearn.config import MAX_ITERATIONS, UnlearnConfig
     from ..unlearn.engine import Unlearner
 
-    from ..io import check_output_path
-
     device = resolve_device(args.device)
-    check_positive(args.iters, "--iters")
+    check_positive(args.iters, "--iters", maximum=MAX_ITERATIONS)
     out_dir, overwrite = _demo_out(args)
     check_output_path(out_dir, "folder", "--out", overwrite=overwrite)
     print("guide-fast demo: GUIDE unlearning on the built-in 'tiny' EG3D generator.")

@@ -13,6 +13,10 @@ from ..plan import ExecutionPlan
 from .noise import NoiseScheme, check_scheme
 from .views import EvalCamera
 
+# FID_pre samples (GUIDE: 5000; 50,000 is the usual FID-50k) and identities scored for preservation
+MAX_FID_SAMPLES = 100_000
+MAX_PRESERVE_SAMPLES = 100_000
+
 if TYPE_CHECKING:
     from ..eg3d.generator import TriPlaneGenerator
 
@@ -77,10 +81,12 @@ class EvalConfig:
         check_scheme(self.noise)
         if self.noise_mode not in ("random", "const", "none"):
             raise InputError(f"noise_mode must be 'random', 'const' or 'none', got {self.noise_mode!r}")
-        for name in ("num_fid_samples", "preserve_samples"):
+        for name, most in (("num_fid_samples", MAX_FID_SAMPLES), ("preserve_samples", MAX_PRESERVE_SAMPLES)):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
                 raise InputError(f"{name} must be a non-negative integer, got {value!r}")
+            if value > most:  # the draws are made up front: 1e12 samples would allocate terabytes
+                raise InputError(f"{name} must be <= {most:,}, got {value:,}")
         if self.num_fid_samples == 1:
             raise InputError("num_fid_samples must be 0 (skip FID) or at least 2 (a covariance needs 2 samples)")
         if not isinstance(self.batch_size, (int, np.integer)) or isinstance(self.batch_size, bool) or self.batch_size < 1:

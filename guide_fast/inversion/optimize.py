@@ -351,11 +351,16 @@ def inversion_plan(cfg: InversionConfig, device: torch.device, refine_camera: bo
     return plan.with_(device=device, memory_format="contiguous", cuda_graph=False, compile=False)
 
 
+MAX_STEPS = 1_000_000  # the projector runs 1000 (docs/guide.md §3.3); as the unlearning loop's bound
+
+
 def _check_steps(steps, encoder) -> int:
     if steps is None:
         return 0 if encoder is not None else DEFAULT_STEPS
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise InputError(f"inversion steps must be an integer >= 0, got {steps!r}")
+    if steps > MAX_STEPS:  # the loss history is preallocated per step
+        raise InputError(f"inversion steps must be <= {MAX_STEPS:,}, got {steps:,}")
     if steps == 0 and encoder is None:
         raise InputError("inversion steps = 0 needs an encoder (otherwise the result would be w_avg)")
     return steps
