@@ -31,6 +31,7 @@ import os
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +77,21 @@ def check_backend(backend) -> str:
         raise InputError(f"unknown compile backend {backend!r}; expected one of "
                          f"{', '.join(repr(b) for b in COMPILE_BACKENDS)}")
     return backend
+
+
+def resolve_backend(backend: str | Callable | None = None) -> str | Callable:
+    """The backend to compile with: `backend`, else DEFAULT_BACKEND, else $GUIDE_FAST_COMPILE_BACKEND,
+    else "inductor". Called only when something is compiled; a bad variable is refused by name
+    (the user set it in the environment, not as an argument)."""
+    if backend or DEFAULT_BACKEND:
+        return check_backend(backend or DEFAULT_BACKEND)
+    env = os.environ.get("GUIDE_FAST_COMPILE_BACKEND", "").strip()
+    if not env:
+        return "inductor"
+    if env not in COMPILE_BACKENDS:
+        raise InputError(f"environment variable GUIDE_FAST_COMPILE_BACKEND must be one of "
+                         f"{', '.join(repr(b) for b in COMPILE_BACKENDS)}, got {env!r}")
+    return env
 
 
 @dataclass
@@ -278,13 +294,13 @@ def compile_step(g_u, g_s, id_loss, lpips, plan, layout_key=(), mode: str = "def
     """Install compiled forwards on the fast step's modules for `plan` (a no-op report when
     plan.compile is off). layout_key: the batch layout, part of the cache key (one graph per
     layout, no dynamic shapes). backend: default $GUIDE_FAST_COMPILE_BACKEND or "inductor"."""
-    backend = backend or DEFAULT_BACKEND or os.environ.get("GUIDE_FAST_COMPILE_BACKEND", "inductor")
-    report = CompileReport(mode=check_mode(mode), backend=check_backend(backend), cache_dir=str(cache_dir()))
     if not plan.compile:
         # the loss networks are the caller's objects: a session that was never finished may have left
-        # them compiled; a compile-off run runs them eagerly
+        # them compiled; a compile-off run runs them eagerly. The backend is not read: a run with
+        # compile off must not fail on $GUIDE_FAST_COMPILE_BACKEND, which only matters when compiling.
         uninstall_all(m for _, m in step_modules(g_u, g_s, id_loss, lpips))
-        return report
+        return CompileReport(mode=check_mode(mode), cache_dir=str(cache_dir()))
+    report = CompileReport(mode=check_mode(mode), backend=resolve_backend(backend), cache_dir=str(cache_dir()))
     key = (generator_fingerprint(g_u), plan.precision, plan.memory_format, tuple(layout_key))
     for name, module in step_modules(g_u, g_s, id_loss, lpips):
         install(module, name, report, key)
@@ -334,8 +350,7 @@ class NoiseTape:
 def compile_generators(generators, mode: str = "default", backend=None, key=()) -> CompileReport:
     """Install compiled forwards on generators' backbone synthesis and super-resolution (renders
     without an unlearning step, e.g. evaluation); undo with `uninstall_generators`."""
-    backend = backend or DEFAULT_BACKEND or os.environ.get("GUIDE_FAST_COMPILE_BACKEND", "inductor")
-    report = CompileReport(mode=check_mode(mode), backend=check_backend(backend), cache_dir=str(cache_dir()))
+    report = CompileReport(mode=check_mode(mode), backend=resolve_backend(backend), cache_dir=str(cache_dir()))
     for i, gen in enumerate(generators):
         k = (generator_fingerprint(gen), tuple(key))
         install(gen.backbone.synthesis, f"G{i}.backbone.synthesis", report, k)

@@ -50,6 +50,16 @@ def bf16_usable(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def _device(device: "torch.device | str | int") -> torch.device:
+    """torch.device(device), its RuntimeError/TypeError for a name like "bogus" as an InputError.
+    A CUDA device is not refused here when CUDA is absent: plans are resolved for inspection
+    (and tests) on any machine; the device is checked where tensors are put on it."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:0', got {device!r}") from None
+
+
 def _choice(name: str, value: str, allowed: tuple[str, ...], auto_ok: bool = True) -> str:
     options = allowed + (("auto",) if auto_ok else ())
     if value not in options:
@@ -141,7 +151,7 @@ class ExecutionPlan:
         `differentiable_rays=True` (a learnt camera) forces the reference renderer: the fused
         kernel differentiates planes and decoder only.
         """
-        dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = _device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         _choice("path", path, PATHS, auto_ok=False)
         _choice("renderer", renderer, RENDERERS)
         _choice("precision", precision, PRECISIONS)

@@ -35,6 +35,7 @@ are per-program partial sums added atomically at the end.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import triton
@@ -485,6 +486,27 @@ def _pow2(x: int, floor: int) -> int:
     return max(floor, 1 << max(0, int(x) - 1).bit_length())
 
 
+def _is_pow2(v: int) -> bool:
+    return v > 0 and not v & (v - 1)
+
+
+def _env_int(name: str, expected: str, ok: Callable[[int], bool]) -> int | None:
+    """The integer in environment variable `name`, None when unset or empty (a tuning sweep
+    clears a variable by setting it to ""). Garbage is refused naming the variable: it would
+    otherwise surface as int()'s ValueError, or as a block_rays/num_warps error that names
+    neither the variable nor where the value came from."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise InputError(f"environment variable {name} must be {expected}, got {raw!r}")
+    return value
+
+
 def _launch_config(n_rays: int, block_rays: int | None = None) -> dict:
     """Block size, warps and pipeline stages: the default config, chosen from the problem size
     (on a GPU `_tuned_config` times a few others once per problem and may replace BLOCK_R / num_warps).
@@ -497,22 +519,24 @@ def _launch_config(n_rays: int, block_rays: int | None = None) -> dict:
     GUIDE_FAST_RENDER_BLOCK / _WARPS / _STAGES / _MAXNREG variables) overrides the choice for
     tuning and tests.
     """
-    env = os.environ
-    if block_rays is None and env.get("GUIDE_FAST_RENDER_BLOCK"):
-        block_rays = int(env["GUIDE_FAST_RENDER_BLOCK"])
+    if block_rays is None:
+        block_rays = _env_int("GUIDE_FAST_RENDER_BLOCK", "a power of two >= 16", lambda v: v >= 16 and _is_pow2(v))
     if block_rays is not None and (block_rays < 16 or block_rays & (block_rays - 1)):
         raise InputError(f"block_rays must be a power of two >= 16 (tl.dot needs M >= 16), got {block_rays}")
     if INTERPRETED:
         default = min(256, _pow2(n_rays, 16))
     else:
         default = 16
+    warps = _env_int("GUIDE_FAST_RENDER_WARPS", "a power of two in 1..32", lambda v: 1 <= v <= 32 and _is_pow2(v))
+    stages = _env_int("GUIDE_FAST_RENDER_STAGES", "an integer >= 1", lambda v: v >= 1)
+    maxnreg = _env_int("GUIDE_FAST_RENDER_MAXNREG", "an integer in 1..255", lambda v: 1 <= v <= 255)
     cfg = {
         "BLOCK_R": int(block_rays or default),
-        "num_warps": int(env.get("GUIDE_FAST_RENDER_WARPS", 4)),
-        "num_stages": int(env.get("GUIDE_FAST_RENDER_STAGES", 1)),
+        "num_warps": 4 if warps is None else warps,
+        "num_stages": 1 if stages is None else stages,
     }
-    if env.get("GUIDE_FAST_RENDER_MAXNREG") and not INTERPRETED:
-        cfg["maxnreg"] = int(env["GUIDE_FAST_RENDER_MAXNREG"])  # caps registers to fit more programs per SM
+    if maxnreg is not None and not INTERPRETED:
+        cfg["maxnreg"] = maxnreg  # caps registers to fit more programs per SM
     return cfg
 
 
@@ -535,7 +559,10 @@ _tuned: dict = {}
 
 def autotune_enabled(block_rays: int | None = None) -> bool:
     env = os.environ
-    if INTERPRETED or block_rays is not None or env.get("GUIDE_FAST_RENDER_AUTOTUNE", "1") == "0":
+    autotune = env.get("GUIDE_FAST_RENDER_AUTOTUNE", "").strip() or "1"
+    if autotune not in ("0", "1"):  # "off" or "false" must not quietly mean on
+        raise InputError(f"environment variable GUIDE_FAST_RENDER_AUTOTUNE must be 0 or 1, got {autotune!r}")
+    if INTERPRETED or block_rays is not None or autotune == "0":
         return False
     return not (env.get("GUIDE_FAST_RENDER_BLOCK") or env.get("GUIDE_FAST_RENDER_WARPS"))
 

@@ -149,6 +149,14 @@ def build_and_fill(config: "GeneratorConfig", state: "Mapping[str, torch.Tensor]
 
 
 # --------------------------------------------------------------------------- loading
+def _as_path(path: "str | os.PathLike", name: str = "path") -> Path:
+    """Path(path), refusing what is not a path (None, a number, bytes) by name: pathlib's own
+    TypeError would reach the user as a traceback."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"{name} must be a file path (str or os.PathLike), got {type(path).__name__}")
+    return Path(path)
+
+
 def _sniff(path: Path) -> str:
     with open(path, "rb") as f:
         head = f.read(16)
@@ -166,7 +174,7 @@ def load_generator(path: "str | os.PathLike", renderer: str = "reference", devic
     Nothing from the file is executed and no declared size is trusted. The generator records
     `source_sha256` (of the original checkpoint) and `checkpoint_history` (its fingerprint chain).
     """
-    path = Path(path)
+    path = _as_path(path)
     if not path.exists():
         raise CheckpointError(f"generator checkpoint not found: {path}")
     check_file(path, "generator checkpoint")
@@ -193,7 +201,7 @@ def read_generator_metadata(path) -> dict:
     source_sha256, history (list of steps)."""
     from ..eg3d.generator import GeneratorConfig
 
-    path = Path(path)
+    path = _as_path(path)
     tensors, meta = read_safetensors(path, "generator checkpoint")
     if meta.get("format") != GENERATOR_FORMAT:
         raise CheckpointError(f"{path}: metadata 'format' is {meta.get('format')!r}, expected {GENERATOR_FORMAT!r}")
@@ -255,7 +263,7 @@ def write_safetensors(path, tensors, meta: dict, what: str) -> None:
 
 def save_generator(gen: "TriPlaneGenerator", path: "str | os.PathLike", source_sha256: str | None = None) -> Path:
     """Write the generator as one safetensors file (config, provenance and history in its metadata)."""
-    path = Path(path)
+    path = _as_path(path)
     state = OrderedDict((k, v.detach().to("cpu").contiguous().clone()) for k, v in gen.state_dict().items())
     history = history_with(gen, state_fingerprint(state))
     meta = {

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
@@ -15,6 +17,41 @@ LOOP_PATHS = PATHS
 
 
 MAX_ITERATIONS = 1_000_000  # GUIDE runs 1000 steps (docs/guide.md §3.6)
+SEED_LIMIT = 2 ** 63  # the CLI's range (commands/_common.py): torch's generators take a signed 64-bit seed
+
+
+def _is_int(v) -> bool:
+    # numpy integers count (they have __index__); bools do not, though Python makes them ints
+    return not isinstance(v, bool) and hasattr(type(v), "__index__")
+
+
+def _is_real(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, numbers.Real)
+
+
+def _check_int(name: str, v, lo: int, hi: int | None = None) -> None:
+    if not _is_int(v):
+        raise InputError(f"{name} must be an integer, got {v!r}")
+    if v < lo or (hi is not None and v > hi):
+        raise InputError(f"{name} must be in {lo}..{hi:,}, got {v:,}" if hi is not None
+                         else f"{name} must be >= {lo}, got {v:,}")
+
+
+def _check_real(name: str, v, lo: float | None = None, *, strict: bool = False) -> None:
+    """A finite int or float (not a bool, not a string), >= lo (> lo with strict)."""
+    if not _is_real(v) or not math.isfinite(v):
+        raise InputError(f"{name} must be a finite number, got {v!r}")
+    if lo is not None and (v <= lo if strict else v < lo):
+        raise InputError(f"{name} must be {'>' if strict else '>='} {lo}, got {v}")
+
+
+def _as_tuple(v):
+    """`v` as a tuple of floats where it is a sequence of numbers; anything else is left for
+    validate() to name (a string is not split into characters, None does not crash here)."""
+    if not isinstance(v, Iterable) or isinstance(v, (str, bytes)):
+        return v
+    return tuple(float(x) if not isinstance(x, bool) and hasattr(type(x), "__float__") else x for x in v)
+
 
 @dataclass
 class UnlearnConfig:
@@ -91,8 +128,8 @@ class UnlearnConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        self.betas = tuple(self.betas)
-        self.lookat = tuple(float(x) for x in self.lookat)
+        self.betas = _as_tuple(self.betas)
+        self.lookat = _as_tuple(self.lookat)
         if isinstance(self.compile, bool):
             self.compile = "on" if self.compile else "off"
         self.validate()
@@ -126,35 +163,48 @@ class UnlearnConfig:
             raise InputError(f"unknown cache_target_planes {self.cache_target_planes!r}; expected 'auto', 'on' or 'off'")
         if self.noise_mode not in ("random", "const", "none"):
             raise InputError(f"noise_mode must be 'random', 'const' or 'none', got {self.noise_mode!r}")
-        if isinstance(self.iterations, bool) or not hasattr(type(self.iterations), "__index__"):
-            raise InputError(f"iterations must be an integer, got {self.iterations!r}")
-        if not 0 <= self.iterations <= MAX_ITERATIONS:
-            # the loss log is preallocated per step: a bound keeps --iters 1e12 from allocating terabytes
-            raise InputError(f"iterations must be in 0..{MAX_ITERATIONS:,} (GUIDE uses 1000), got {self.iterations:,}")
-        if self.lr <= 0:
-            raise InputError(f"lr must be > 0, got {self.lr}")
-        if self.adjacency_samples < 0 or self.global_samples < 0:
-            raise InputError("adjacency_samples and global_samples must be >= 0")
-        if self.adjacency_alpha_min < 0 or self.adjacency_alpha_max < self.adjacency_alpha_min:
+        # every number is type-checked here: a string or None would otherwise pass this far and fail
+        # mid-run as a raw TypeError (or, for betas/eps, inside Adam at the first step)
+        _check_int("iterations", self.iterations, 0, MAX_ITERATIONS)  # the loss log is preallocated per step
+        _check_real("lr", self.lr, 0, strict=True)
+        if (not isinstance(self.betas, tuple) or len(self.betas) != 2
+                or not all(_is_real(b) and 0 <= b < 1 for b in self.betas)):
+            raise InputError(f"betas must be 2 numbers in [0, 1) (Adam's), got {self.betas!r}")
+        _check_real("eps", self.eps, 0, strict=True)
+        for name in ("use_local", "use_adjacency", "use_global"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("local_mse_weight", "local_lpips_weight", "local_id_weight", "adjacency_mse_weight",
+                     "adjacency_lpips_weight", "adjacency_id_weight", "adjacency_weight", "global_weight"):
+            _check_real(name, getattr(self, name), 0)  # a negative weight would maximise that loss
+        _check_int("adjacency_samples", self.adjacency_samples, 0)
+        _check_int("global_samples", self.global_samples, 0)
+        _check_real("adjacency_alpha_min", self.adjacency_alpha_min, 0)
+        _check_real("adjacency_alpha_max", self.adjacency_alpha_max)
+        if self.adjacency_alpha_max < self.adjacency_alpha_min:
             raise InputError(f"need 0 <= adjacency_alpha_min <= adjacency_alpha_max, got "
                              f"[{self.adjacency_alpha_min}, {self.adjacency_alpha_max}]")
+        _check_real("target_distance", self.target_distance)
         if self.target_distance < 0:
             raise InputError(f"target_distance must be >= 0 (a negative one pulls towards the identity), "
                              f"got {self.target_distance}")
-        if self.log_every < 1:
-            raise InputError(f"log_every must be >= 1, got {self.log_every}")
+        _check_real("truncation_psi", self.truncation_psi)
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT):
+            raise InputError(f"seed must be None or an integer with 0 <= seed < 2**63, got {self.seed!r}")
+        _check_int("warmup_steps", self.warmup_steps, 0, MAX_ITERATIONS)
+        _check_int("log_every", self.log_every, 1)
         if not (self.use_local or self.use_adjacency or self.use_global):
             raise InputError("at least one of use_local, use_adjacency, use_global must be on")
-        if len(self.lookat) != 3:
-            raise InputError(f"lookat must be 3 numbers, got {self.lookat}")
+        if not isinstance(self.lookat, tuple) or len(self.lookat) != 3:
+            raise InputError(f"lookat must be 3 numbers, got {self.lookat!r}")
         from ..cameras import check_camera
 
         check_camera(radius=self.radius, fov_degrees=self.fov_degrees, yaw_range=self.yaw_range, pitch=self.pitch,
                      lookat=self.lookat)
-        if self.identities_per_pass < 0:
-            raise InputError("identities_per_pass must be >= 0 (0 = all identities in one pass)")
-        if self.eval_views < 1:
-            raise InputError("eval_views must be >= 1")
+        _check_int("identities_per_pass", self.identities_per_pass, 0)  # 0 = all identities in one pass
+        _check_int("eval_views", self.eval_views, 1)
+        if not isinstance(self.extra, dict):
+            raise InputError(f"extra must be a dict, got {type(self.extra).__name__}")
 
     def execution_plan(self, device: torch.device | str | None = None) -> ExecutionPlan:
         """The engine fields resolved for `device` (the one place "auto" is decided: ExecutionPlan.resolve).

@@ -219,10 +219,19 @@ def init_from_env(device: torch.device | None = None, timeout_s: float = DEFAULT
                          f"`torchrun --nproc_per_node K -m guide_fast unlearn ...`")
     try:
         local_rank = int(os.environ["LOCAL_RANK"])
-        int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["MASTER_PORT"])
+        rank, world_size, port = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["MASTER_PORT"])
     except ValueError:
         raise InputError("RANK, WORLD_SIZE, LOCAL_RANK and MASTER_PORT must be integers "
                          f"(got {[os.environ.get(v) for v in TORCHRUN_VARIABLES]})") from None
+    # checked here: torch.distributed would report these after a ~40-line C++ stack dump, or wait
+    # for ranks that can never join
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise InputError(f"torchrun's environment needs WORLD_SIZE >= 1 and 0 <= RANK < WORLD_SIZE, "
+                         f"got RANK={rank} WORLD_SIZE={world_size}")
+    if local_rank < 0:
+        raise InputError(f"torchrun's environment needs LOCAL_RANK >= 0, got LOCAL_RANK={local_rank}")
+    if not 1 <= port <= 65535:
+        raise InputError(f"MASTER_PORT must be a TCP port in 1..65535, got {port}")
     if not (0 < timeout_s < float("inf")):
         raise InputError(f"the distributed timeout must be > 0 seconds, got {timeout_s}")
     if device is None:

@@ -462,10 +462,19 @@ class Unlearner:
 
         if not isinstance(generator, TriPlaneGenerator):
             raise InputError(f"generator must be a TriPlaneGenerator (see load_generator), got {type(generator).__name__}")
+        # the loss networks run as modules (.to/.eval/.requires_grad_) only once a run starts: a
+        # wrong argument is named here rather than failing there as an AttributeError
+        for name, net, kind in (("id_loss", id_loss, "guide_fast.identity.IdentityLoss"),
+                                ("lpips", lpips, "guide_fast.perceptual.LPIPS")):
+            if not isinstance(net, torch.nn.Module):
+                raise InputError(f"{name} must be a torch.nn.Module (e.g. a {kind}), got {type(net).__name__}")
+        if config is not None and not isinstance(config, UnlearnConfig):
+            raise InputError(f"config must be an UnlearnConfig (a dict: UnlearnConfig.from_dict(d)), "
+                             f"got {type(config).__name__}")
         self.generator = generator
         self.id_loss = id_loss
         self.lpips = lpips
-        self.config = config or UnlearnConfig()
+        self.config = config if config is not None else UnlearnConfig()
         self.config.validate()
         self.process_group = process_group
         from ..inversion.average import resolve_w_avg
