@@ -193,3 +193,93 @@ def test_a_latent_file_of_the_wrong_shape_is_named_in_the_error(tmp_path, capsys
     err = capsys.readouterr().err
     assert rc == 2 and f"--latent file {p} has shape [2, 3, 5]" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------ encoder, w_avg, ONNX
+def _goae_tools():
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from goae_files import MICRO, random_state
+
+    return MICRO, random_state
+
+
+@pytest.mark.parametrize("defect", ["mask", "coords", "float64_overflow"])
+def test_goae_buffers_and_values_that_the_architecture_fixes_are_checked(tmp_path, defect):
+    from guide_fast.inversion.goae import load_encoder
+
+    micro, random_state = _goae_tools()
+    state = random_state(micro)
+    torch.save(state, tmp_path / "ok.pt")
+    load_encoder(tmp_path / "ok.pt", config=micro)
+    torch.save(OrderedDict((k, v.half() if v.is_floating_point() else v) for k, v in state.items()), tmp_path / "h.pt")
+    load_encoder(tmp_path / "h.pt", config=micro)  # a half-precision file rounds the buffers: still accepted
+    key = next(k for k in state if k.endswith({"mask": "attn_mask", "coords": "relative_coords_table",
+                                               "float64_overflow": "cpb_mlp.0.weight"}[defect]))
+    if defect == "float64_overflow":  # finite in float64, inf once the encoder's float32 holds it
+        state[key] = state[key].double().fill_(1e300)
+    else:
+        state[key] = state[key].clone().fill_(1e4)
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="beyond float32's range" if defect == "float64_overflow" else "not the buffer"):
+        load_encoder(tmp_path / "bad.pt", config=micro)
+
+
+def test_float64_weights_beyond_float32_are_refused():
+    from guide_fast.checkpoints.keys import check_weight_values
+
+    check_weight_values({"w": torch.ones(2, dtype=torch.float64)}, "f.pth")
+    with pytest.raises(CheckpointError, match="beyond float32's range"):
+        check_weight_values({"w": torch.full((2,), 1e300, dtype=torch.float64)}, "f.pth")
+
+
+def test_a_w_avg_entry_that_is_not_a_tensor_is_not_replaced_by_another(tmp_path):
+    from guide_fast.inversion import load_w_avg
+
+    torch.save({"w_avg": [1, 2], "b": torch.randn(8, 64)}, tmp_path / "w.pt")
+    with pytest.raises(InputError, match="the entry 'w_avg' holds a list"):
+        load_w_avg(tmp_path / "w.pt")
+
+
+def test_export_never_overwrites_its_own_weights(capsys, tmp_path):
+    w = tmp_path / "same.onnx"
+    w.write_bytes(b"the weights")
+    assert cli_main(["export-identity", "--weights", str(w), "--onnx", str(w)]) == 2
+    assert "is the --weights file itself" in capsys.readouterr().err and w.read_bytes() == b"the weights"
+    assert cli_main(["unlearn", "--generator", "tiny", "--random-nets", "--seed", "1", "--scorer-weights", str(w),
+                     "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    assert "--scorer-weights" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's legacy ONNX exporter, used for these tiny nets
+def test_onnx_models_from_elsewhere_must_be_identity_networks(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from guide_fast.identity import IdentityScorer
+
+    class Net(torch.nn.Module):
+        def __init__(self, out: int, nan: bool = False):
+            super().__init__()
+            self.lin, self.nan = torch.nn.Linear(3 * 4, out), nan
+
+        def forward(self, x):
+            y = self.lin(torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1))
+            return y * float("nan") if self.nan else y
+
+    def export(net, name, input_name="images"):
+        path = tmp_path / name
+        torch.onnx.export(net, (torch.zeros(2, 3, 112, 112),), str(path), input_names=[input_name],
+                          output_names=["embeddings"], dynamic_axes={input_name: {0: "b"}, "embeddings": {0: "b"}},
+                          opset_version=17, dynamo=False)
+        return path
+
+    faces = torch.rand(2, 3, 112, 112) * 2 - 1
+    for path in (export(Net(10), "out10.onnx"), export(Net(512), "x.onnx", input_name="x")):
+        with pytest.raises(CheckpointError, match="not an identity network"):
+            IdentityScorer(path, backend="onnxruntime", device="cpu")
+    nan = IdentityScorer(export(Net(512, nan=True), "nan.onnx"), backend="onnxruntime", device="cpu")
+    with pytest.raises(GuideFastError, match="non-finite values"):
+        nan.embed(faces, align="none")
+    good = IdentityScorer(export(Net(512), "good.onnx"), backend="onnxruntime", device="cpu")
+    assert good.embed(faces, align="none").shape == (2, 512)

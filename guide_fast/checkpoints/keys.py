@@ -70,6 +70,11 @@ def check_weight_values(state: Mapping, source, integer_suffixes: "tuple[str, ..
     if ints:
         raise CheckpointError(f"{source}: {len(ints)} weight tensor(s) are not floating point, e.g. "
                               + ", ".join(f"{k} ({state[k].dtype})" for k in ints[:3]))
-    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    floats = {k: v for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()}
+    bad = [k for k, v in floats.items() if not bool(torch.isfinite(v).all())]
     if bad:
         raise CheckpointError(f"{source}: non-finite values (NaN / inf) in {len(bad)} tensor(s), e.g. {bad[:3]}")
+    # the networks run in float32 (or lower): a finite float64 1e300 would be inf there
+    big = [k for k, v in floats.items() if v.dtype == torch.float64 and not bool(torch.isfinite(v.float()).all())]
+    if big:
+        raise CheckpointError(f"{source}: float64 values beyond float32's range in {len(big)} tensor(s), e.g. {big[:3]}")

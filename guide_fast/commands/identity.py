@@ -81,6 +81,11 @@ def _export_identity(args) -> int:
         raise GuideFastError(f"--max-batch must be >= 1, got {args.max_batch}")
     check_opset(args.opset, args.exporter)
     check_output_path(args.onnx, "file", "--onnx", suffixes=[".onnx"])
+    if Path(args.onnx).resolve() == Path(args.weights).resolve():
+        from ..errors import InputError
+
+        raise InputError(f"--onnx {args.onnx} is the --weights file itself; the export would replace the weights "
+                         "it reads: give the ONNX model its own name")
     if args.tensorrt:
         from ..errors import InputError
 

@@ -431,8 +431,14 @@ def _unlearn(args) -> int:
 def _scorer(args, device):
     if not getattr(args, "scorer_weights", None):
         return None
+    from pathlib import Path
+
+    from ..errors import InputError
     from ..identity import IdentityScorer
 
+    if Path(args.scorer_weights).suffix.lower() == ".onnx":
+        raise InputError(f"--scorer-weights {args.scorer_weights}: an .onnx model; the report's scorer takes the "
+                         "PyTorch weight file (CurricularFace_Backbone.pth or model_ir_se50.pth)")
     return IdentityScorer(args.scorer_weights, backend="torch", device=device, align=args.align)
 
 

@@ -145,10 +145,24 @@ class _TorchRunner:
 
 class _OnnxRuntimeRunner:
     def __init__(self, onnx_path, device):
-        from .onnx_export import ort_session
+        from ..errors import CheckpointError
+        from .onnx_export import INPUT_NAME, OUTPUT_NAME, ort_session
 
+        self.path = onnx_path
         self.session = ort_session(onnx_path, device=device)
         self.providers = self.session.get_providers()
+        # an .onnx from elsewhere must be an identity network's: one input `images` [batch, 3, 112,
+        # 112] and an output `embeddings` [batch, 512] (what export_onnx writes), or it is refused here
+        ins, outs = self.session.get_inputs(), {o.name: o for o in self.session.get_outputs()}
+        shape = list(ins[0].shape) if len(ins) == 1 else []
+        out_shape = list(outs[OUTPUT_NAME].shape) if OUTPUT_NAME in outs else []
+        if (len(ins) != 1 or ins[0].name != INPUT_NAME or len(shape) != 4 or shape[1:] != [3, INPUT_SIZE, INPUT_SIZE]
+                or len(out_shape) != 2 or out_shape[1] != EMBEDDING_DIM):
+            raise CheckpointError(
+                f"ONNX model {onnx_path}: not an identity network: inputs "
+                f"{[(i.name, list(i.shape)) for i in ins]}, outputs {[(o.name, list(o.shape)) for o in outs.values()]}; "
+                f"expected {INPUT_NAME!r} [batch, 3, {INPUT_SIZE}, {INPUT_SIZE}] -> {OUTPUT_NAME!r} "
+                f"[batch, {EMBEDDING_DIM}] (guide-fast export-identity writes these)")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         from .onnx_export import INPUT_NAME, OUTPUT_NAME
@@ -294,6 +308,14 @@ class IdentityScorer:
         out = torch.full((found.shape[0], EMBEDDING_DIM), float("nan"), dtype=torch.float32)
         if batch.shape[0]:
             vecs = torch.cat([self._runner(batch[i:i + self.batch_size]) for i in range(0, batch.shape[0], self.batch_size)])
+            if tuple(vecs.shape) != (batch.shape[0], EMBEDDING_DIM) or not bool(torch.isfinite(vecs).all()):
+                # finite images in, so the network itself is broken (its weights, or an .onnx from elsewhere):
+                # NaN rows would otherwise read as "no face found" and every similarity as null
+                from ..errors import GuideFastError
+
+                raise GuideFastError(f"the identity network ({self.backend}) returned "
+                                     f"{list(vecs.shape)} embeddings with non-finite values or the wrong shape "
+                                     f"for {batch.shape[0]} finite images (expected [{batch.shape[0]}, {EMBEDDING_DIM}])")
             out[found] = vecs
         return EmbedResult(embeddings=out, found=found, faces=faces)
 

@@ -92,6 +92,8 @@ def _read_tensor(path: Path, label: str) -> torch.Tensor:
 
     obj = read_tensor_file(path, label)
     if isinstance(obj, dict):
+        if "w_avg" in obj and not torch.is_tensor(obj["w_avg"]):  # not silently another entry instead
+            raise InputError(f"{label} {path}: the entry 'w_avg' holds a {type(obj['w_avg']).__name__}, not a tensor")
         tensors = {k: v for k, v in obj.items() if torch.is_tensor(v)}
         key = "w_avg" if "w_avg" in tensors else (next(iter(tensors)) if len(tensors) == 1 else None)
         if key is None:

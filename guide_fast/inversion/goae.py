@@ -310,6 +310,8 @@ def check_state(state, path, config: GOAEConfig = OFFICIAL) -> "OrderedDict[str,
             if not bool(torch.isfinite(value).all()):
                 raise CheckpointError(f"GOAE encoder {path}: non-finite values (NaN / inf) in {key}")
             value = value.to(torch.float32)
+            if not bool(torch.isfinite(value).all()):  # a finite float64 1e300 is inf in float32
+                raise CheckpointError(f"GOAE encoder {path}: values beyond float32's range in {key}")
         out[key] = value
     # The position index buffers gather the bias table: wrong entries would index out of range or
     # scramble the bias, so they must be exactly the ones the window size implies.
@@ -320,7 +322,31 @@ def check_state(state, path, config: GOAEConfig = OFFICIAL) -> "OrderedDict[str,
             raise CheckpointError(f"GOAE encoder {path}: {key} is not the relative position index of a "
                                   f"{window}x{window} window")
         out[key] = out[key].long()
+    _check_derived_buffers(out, path, config)
     return out
+
+
+def _check_derived_buffers(state, path, config: GOAEConfig) -> None:
+    """The relative-coordinate tables and the shifted-window masks follow from the architecture
+    (window, pretrained window, shift, resolution) as the index buffers do: a file's own values
+    would silently change every attention (a mask of 1e4 instead of -100, a skewed bias table).
+    Compared with what the configuration computes, to fp16 rounding (a half-precision file is fine)."""
+    from .swin import WindowAttention, relative_coords_table, shifted_window_mask
+
+    with torch.device("meta"):
+        model = GOAEncoder(config)
+    for name, m in model.named_modules():
+        if isinstance(m, WindowAttention):
+            key, want = f"{name}.relative_coords_table", relative_coords_table(m.window, m.pretrained_window)
+        elif getattr(m, "shift", 0) and getattr(m, "attn_mask", None) is not None:
+            key, want = f"{name}.attn_mask", shifted_window_mask(*m.resolution, m.window, m.shift)
+        else:
+            continue
+        got = state.get(key)
+        if got is not None and (tuple(got.shape) != tuple(want.shape)
+                                or not torch.allclose(got.float(), want, rtol=1e-3, atol=2e-3)):
+            raise CheckpointError(f"GOAE encoder {path}: {key} is not the buffer this architecture computes "
+                                  f"(max difference {float((got.float() - want).abs().max()):.3g})")
 
 
 def read_encoder_state(path) -> "OrderedDict[str, torch.Tensor]":

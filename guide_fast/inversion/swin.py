@@ -107,6 +107,7 @@ class WindowAttention(nn.Module):
     def __init__(self, dim: int, window: int, num_heads: int, pretrained_window: int):
         super().__init__()
         self.dim, self.window, self.num_heads = dim, window, num_heads
+        self.pretrained_window = pretrained_window  # what relative_coords_table was made from (goae.check_state)
         # Registration order fixes the state_dict order of the official file: own parameters
         # (logit_scale, q_bias, v_bias), own buffers, then the children cpb_mlp, qkv, proj.
         self.logit_scale = nn.Parameter(torch.log(10 * torch.ones((num_heads, 1, 1))))
