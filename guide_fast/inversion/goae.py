@@ -294,7 +294,9 @@ def check_state(state, path, config: GOAEConfig = OFFICIAL) -> "OrderedDict[str,
         raise CheckpointError(f"GOAE encoder {path}: entries that are not tensors: {[str(k) for k in bad[:4]]}")
     from ..checkpoints import describe_mismatch
 
-    expected = expected_state(config)
+    with torch.device("meta"):  # one meta model gives the expected entries and the derived buffers' parameters
+        model = GOAEncoder(config)
+    expected = OrderedDict(model.state_dict())
     diff = describe_mismatch(state, expected)
     if diff:
         hint = ""
@@ -322,20 +324,18 @@ def check_state(state, path, config: GOAEConfig = OFFICIAL) -> "OrderedDict[str,
             raise CheckpointError(f"GOAE encoder {path}: {key} is not the relative position index of a "
                                   f"{window}x{window} window")
         out[key] = out[key].long()
-    _check_derived_buffers(out, path, config)
+    _check_derived_buffers(out, path, model)
     return out
 
 
-def _check_derived_buffers(state, path, config: GOAEConfig) -> None:
+def _check_derived_buffers(state, path, model: "GOAEncoder") -> None:
     """The relative-coordinate tables and the shifted-window masks follow from the architecture
     (window, pretrained window, shift, resolution) as the index buffers do: a file's own values
     would silently change every attention (a mask of 1e4 instead of -100, a skewed bias table).
     Compared with what the configuration computes, to fp16 rounding (a half-precision file is fine)."""
     from .swin import WindowAttention, relative_coords_table, shifted_window_mask
 
-    with torch.device("meta"):
-        model = GOAEncoder(config)
-    for name, m in model.named_modules():
+    for name, m in model.named_modules():  # `model` on the meta device: only its attributes are read
         if isinstance(m, WindowAttention):
             key, want = f"{name}.relative_coords_table", relative_coords_table(m.window, m.pretrained_window)
         elif getattr(m, "shift", 0) and getattr(m, "attn_mask", None) is not None:
