@@ -288,7 +288,11 @@ def test_a_failing_rank_ends_the_job_with_one_line_and_no_output(tmp_path):
     # the launcher (guide_fast.launch, installed as .venv/bin/torchrun) adds one line, not a traceback
     assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-3000:]
     summary = [line for line in proc.stderr.splitlines() if line.startswith("torchrun: ")]
-    assert len(summary) == 1 and "rank 1 (exit code 2)" in summary[0], proc.stderr[-3000:]
+    assert len(summary) == 1 and "rank 0 (exit code 2)" in summary[0], proc.stderr[-3000:]
+    # rank 1 exits 2 as well, unless it is still shutting down when the launcher, seeing rank 0
+    # fail, terminates the job (a timing race on a loaded machine): then SIGTERM stopped it
+    assert any(f"rank 1 ({how})" in summary[0] for how in ("exit code 2", "stopped by SIGTERM", "exit code 143")), \
+        proc.stderr[-3000:]
 
 
 def test_distributed_flag_outside_torchrun_is_one_clear_line(tmp_path, monkeypatch, capsys):
